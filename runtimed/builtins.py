@@ -1,0 +1,32 @@
+"""The composition root: every built-in plugin module. Nothing else decides what is built in."""
+
+from __future__ import annotations
+
+import importlib
+
+from runtimed.plugin import Registration, Registry
+
+BUILTIN_MODULES = (
+    "runtimed.events.plugin",
+    "runtimed.metadata.plugin",
+    "runtimed.services.version",
+    "runtimed.services.namespaces",
+    "runtimed.services.introspection",
+    "runtimed.services.containers",
+    "runtimed.services.images",
+)
+
+
+def builtin_registrations() -> list[Registration]:
+    registrations: list[Registration] = []
+    for name in BUILTIN_MODULES:
+        registrations.extend(importlib.import_module(name).PLUGINS)
+    return registrations
+
+
+def default_registry(*, entry_points: bool = True) -> Registry:
+    registry = Registry()
+    registry.register_all(builtin_registrations())
+    if entry_points:
+        registry.load_entry_points()
+    return registry
