@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The main job on a fresh Debian 12 machine, as root: install everything, start runtimed on its
+# defaults (socket /run/runtimed/runtimed.sock, root /var/lib/runtimed, state /run/runtimed) and
+# drive it with runtimectl. No configuration and no internet needed. The daemon keeps running
+# afterwards; stop it with: kill "$(cat /run/runtimed/runtimed.pid)"
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO_ROOT"
+scripts/install.sh
+
+SOCKET=/run/runtimed/runtimed.sock
+PIDFILE=/run/runtimed/runtimed.pid
+LOGFILE=/var/log/runtimed.log
+RUNTIMECTL=(.venv/bin/runtimectl)
+
+if .venv/bin/python - "$SOCKET" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError:
+    sys.exit(1)
+PY
+then
+    echo "[demo] runtimed already running on $SOCKET"
+else
+    echo "[demo] starting runtimed (log: $LOGFILE)"
+    mkdir -p /run/runtimed
+    setsid .venv/bin/runtimed >>"$LOGFILE" 2>&1 < /dev/null &
+    echo $! > "$PIDFILE"
+    for _ in $(seq 100); do
+        [ -S "$SOCKET" ] && break
+        sleep 0.1
+    done
+fi
+
+run() { printf '\n$ runtimectl %s\n' "$*"; "${RUNTIMECTL[@]}" "$@"; }
+run version
+run plugins ls
+run namespace create demo team=runtimed
+run namespace ls
+run -n demo containers ls
+run namespace rm demo
+echo
+echo "[demo] runtimed is running (pid $(cat "$PIDFILE" 2>/dev/null || echo '?')); stop it with: kill \"\$(cat $PIDFILE)\""
