@@ -18,16 +18,18 @@ from runtimed.api.containerd.services.images.v1 import images_pb2, images_pb2_gr
 from runtimed.api.containerd.services.introspection.v1 import introspection_pb2, introspection_pb2_grpc
 from runtimed.api.containerd.services.namespaces.v1 import namespace_pb2, namespace_pb2_grpc
 from runtimed.api.containerd.services.version.v1 import version_pb2_grpc
-from runtimed.config import DEFAULT_ADDRESS
-from runtimed.server.interceptors import DEFAULT_NAMESPACE, NAMESPACE_KEY
-
-ADDRESS_ENV = "RUNTIMED_ADDRESS"
-NAMESPACE_ENV = "RUNTIMED_NAMESPACE"
-MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+from runtimed.wire import (
+    ADDRESS_ENV,
+    DEFAULT_ADDRESS,
+    DEFAULT_NAMESPACE,
+    MAX_MESSAGE_SIZE,
+    NAMESPACE_ENV,
+    NAMESPACE_KEY,
+)
 
 
 def default_address() -> str:
-    return os.environ.get(ADDRESS_ENV) or f"unix://{DEFAULT_ADDRESS}"
+    return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
 
 
 def default_namespace() -> str:
@@ -96,11 +98,7 @@ class Client:
         request = namespace_pb2.ListNamespacesRequest(filter=filter_expr)
         return list(self.call(self.namespaces_stub.List, request).namespaces)
 
-    def namespace(self, name: str) -> Any:
-        return self.call(self.namespaces_stub.Get, namespace_pb2.GetNamespaceRequest(name=name)).namespace
-
     def get_namespace(self, name: str) -> Any:
-        # `namespace(name)` above is shadowed by the `self.namespace` attribute set in __init__.
         return self.call(self.namespaces_stub.Get, namespace_pb2.GetNamespaceRequest(name=name)).namespace
 
     def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> Any:

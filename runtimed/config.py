@@ -30,20 +30,19 @@ import tomli_w
 
 from runtimed.errors import ConfigError
 from runtimed.plugin import Registration
+from runtimed.wire import DEFAULT_SOCKET
+from runtimed.wire import MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 
 CONFIG_VERSION = 1
 DEFAULT_ROOT = "/var/lib/runtimed"
 DEFAULT_STATE = "/run/runtimed"
-DEFAULT_ADDRESS = "/run/runtimed/runtimed.sock"
 DEFAULT_CONFIG_PATH = "/etc/runtimed/config.toml"
-# containerd's server and Go client both use 16 MiB message limits.
-DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
 class GrpcConfig:
-    address: str = DEFAULT_ADDRESS
+    address: str = DEFAULT_SOCKET
     # Owner of the socket; mode stays 0600 unless a group is given (then 0660).
     uid: int = 0
     gid: int = 0

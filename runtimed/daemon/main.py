@@ -23,6 +23,7 @@ from runtimed.builtins import default_registry
 from runtimed.errors import RuntimedError, StartupError
 from runtimed.plugin import close_all, initialise
 from runtimed.server import grpc_server
+from runtimed.wire import DEFAULT_SOCKET
 
 logger = structlog.get_logger("runtimed")
 
@@ -32,9 +33,7 @@ LOCK_NAME = "runtimed.lock"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runtimed", description="container runtime daemon")
     parser.add_argument("--version", action="version", version=f"runtimed {__version__}")
-    parser.add_argument(
-        "--address", "-a", help=f"unix socket to serve on (default unix://{config.DEFAULT_ADDRESS})"
-    )
+    parser.add_argument("--address", "-a", help=f"unix socket to serve on (default unix://{DEFAULT_SOCKET})")
     parser.add_argument("--root", help=f"persistent data directory (default {config.DEFAULT_ROOT})")
     parser.add_argument("--state", help=f"volatile state directory (default {config.DEFAULT_STATE})")
     parser.add_argument("--config", "-c", help=f"TOML config file (default {config.DEFAULT_CONFIG_PATH})")

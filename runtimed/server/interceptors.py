@@ -17,12 +17,10 @@ import structlog
 
 from runtimed import identifiers
 from runtimed.errors import RuntimedError, status_of
+from runtimed.wire import DEFAULT_NAMESPACE, LEASE_KEY, NAMESPACE_KEY
 
 log = structlog.get_logger("runtimed.grpc")
 
-NAMESPACE_KEY = "containerd-namespace"
-LEASE_KEY = "containerd-lease"
-DEFAULT_NAMESPACE = "default"
 
 _namespace: contextvars.ContextVar[str] = contextvars.ContextVar("namespace", default=DEFAULT_NAMESPACE)
 _lease: contextvars.ContextVar[str] = contextvars.ContextVar("lease", default="")
