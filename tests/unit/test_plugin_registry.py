@@ -173,3 +173,30 @@ async def test_init_context_gives_each_plugin_its_own_directories(tmp_path):
     assert plugin.instance == tmp_path / "root" / "t.a.a"
     assert plugin.instance.is_dir()
     assert plugin.exports == {"root": str(tmp_path / "root" / "t.a.a")}
+
+
+def _install_fake_distribution(site, name: str, entry_points: str, module_source: str) -> None:
+    """A minimal installed distribution (dist-info with entry points) on a private sys.path entry."""
+    dist_info = site / f"{name}-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(entry_points)
+    (site / f"{name}.py").write_text(module_source)
+
+
+async def test_third_party_plugins_come_from_entry_points(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    _install_fake_distribution(
+        site,
+        "acme_runtime",
+        "[runtimed.plugins]\nacme = acme_runtime:PLUGINS\nbroken = acme_runtime:MISSING\n",
+        "from runtimed.plugin import Registration\n"
+        "PLUGINS = [Registration(type='io.runtimed.runtime.v1', id='acme', init=lambda ctx: 'acme ready')]\n",
+    )
+    monkeypatch.syspath_prepend(str(site))
+    registry = Registry()
+    registry.load_entry_points()
+    plugins = {p.registration.uri: p for p in await run(registry, tmp_path)}
+    assert plugins["io.runtimed.runtime.v1.acme"].instance == "acme ready"
+    broken = plugins["io.runtimed.external.v1.broken"]
+    assert isinstance(broken.error, AttributeError)
