@@ -8,7 +8,14 @@ strips and re-appends, so `ctr` prints them naturally.
 
 from __future__ import annotations
 
+import json
+
 import grpc
+
+
+def q(value: object) -> str:
+    """Quote a value in error messages the way containerd's Go code does (%q)."""
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 class RuntimedError(Exception):

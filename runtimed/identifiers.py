@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from runtimed.errors import InvalidArgument
+from runtimed.errors import InvalidArgument, q
 
 MAX_LENGTH = 76
 _IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
@@ -16,9 +16,9 @@ def validate(value: str, what: str = "identifier") -> str:
         raise InvalidArgument(f"{what}: identifier must not be empty")
     if len(value) > MAX_LENGTH:
         raise InvalidArgument(
-            f"{what}: identifier {value[:MAX_LENGTH]!r}... "
+            f"{what}: identifier {q(value[:MAX_LENGTH])}... "
             f"greater than maximum length ({MAX_LENGTH} characters)"
         )
     if not _IDENTIFIER.fullmatch(value):
-        raise InvalidArgument(f"{what}: identifier {value!r} must match {_IDENTIFIER.pattern}")
+        raise InvalidArgument(f"{what}: identifier {q(value)} must match {_IDENTIFIER.pattern}")
     return value

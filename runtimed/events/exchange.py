@@ -15,7 +15,7 @@ import structlog
 from google.protobuf.message import Message
 
 from runtimed import filters, identifiers
-from runtimed.errors import InvalidArgument, ResourceExhausted
+from runtimed.errors import InvalidArgument, ResourceExhausted, q
 from runtimed.types import now_ns
 
 log = structlog.get_logger("runtimed.events")
@@ -70,9 +70,9 @@ def _event_field(event_type: str, data: bytes, path: Sequence[str]) -> tuple[str
 
 def validate_topic(topic: str) -> str:
     if not topic or not topic.startswith("/"):
-        raise InvalidArgument(f"topic {topic!r} must start with '/'")
+        raise InvalidArgument(f"topic {q(topic)} must start with '/'")
     for component in topic[1:].split("/"):
-        identifiers.validate(component, f"topic {topic!r} component")
+        identifiers.validate(component, f"topic {q(topic)} component")
     return topic
 
 

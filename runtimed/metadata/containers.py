@@ -18,7 +18,7 @@ from google.protobuf import any_pb2
 
 from runtimed import filters, identifiers, labels
 from runtimed.api.containerd.events import container_pb2 as events_pb2
-from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
+from runtimed.errors import AlreadyExists, InvalidArgument, NotFound, q
 from runtimed.events.exchange import Exchange
 from runtimed.metadata import namespaces
 from runtimed.metadata.db import Database
@@ -84,13 +84,13 @@ def adaptor(container: Container) -> filters.Adaptor:
 
 def validate(container: Container) -> None:
     identifiers.validate(container.id, "container id")
-    labels.validate(container.labels, f"container {container.id!r}")
+    labels.validate(container.labels, f"container {q(container.id)}")
     if not container.runtime.name:
-        raise InvalidArgument(f"container {container.id!r}: runtime.name must be set")
+        raise InvalidArgument(f"container {q(container.id)}: runtime.name must be set")
     if container.spec is None:
-        raise InvalidArgument(f"container {container.id!r}: spec must be set")
+        raise InvalidArgument(f"container {q(container.id)}: spec must be set")
     if container.snapshot_key and not container.snapshotter:
-        raise InvalidArgument(f"container {container.id!r}: snapshotter must be set when snapshot_key is")
+        raise InvalidArgument(f"container {q(container.id)}: snapshotter must be set when snapshot_key is")
 
 
 def _write_row(conn: sqlite3.Connection, namespace: str, c: Container, *, insert: bool) -> None:
@@ -128,7 +128,7 @@ def _get(conn: sqlite3.Connection, namespace: str, container_id: str) -> Contain
         "SELECT * FROM containers WHERE namespace = ? AND id = ?", (namespace, container_id)
     ).fetchone()
     if row is None:
-        raise NotFound(f"container {container_id!r}")
+        raise NotFound(f"container {q(container_id)}")
     return _row(row)
 
 
@@ -136,9 +136,9 @@ def _merge(current: Container, incoming: Container, paths: Sequence[str]) -> Con
     updated = replace(current, labels=dict(current.labels), extensions=dict(current.extensions))
     if not paths:
         if incoming.snapshotter != current.snapshotter:
-            raise InvalidArgument(f"container {current.id!r}: snapshotter field is immutable")
+            raise InvalidArgument(f"container {q(current.id)}: snapshotter field is immutable")
         if incoming.runtime.name != current.runtime.name:
-            raise InvalidArgument(f"container {current.id!r}: runtime.name field is immutable")
+            raise InvalidArgument(f"container {q(current.id)}: runtime.name field is immutable")
         paths = UPDATABLE_ON_FULL_REPLACE
     for path in paths:
         if labels.apply_mask_path(updated.labels, incoming.labels, path):
@@ -158,7 +158,7 @@ def _merge(current: Container, incoming: Container, paths: Sequence[str]) -> Con
         elif path == "snapshotkey":
             updated.snapshot_key = incoming.snapshot_key
         else:
-            raise InvalidArgument(f"cannot update {path!r} field on container {current.id!r}")
+            raise InvalidArgument(f"cannot update {q(path)} field on container {q(current.id)}")
     return updated
 
 
@@ -190,7 +190,7 @@ class ContainerStore:
             try:
                 _write_row(conn, namespace, created, insert=True)
             except sqlite3.IntegrityError:
-                raise AlreadyExists(f"container {container.id!r}") from None
+                raise AlreadyExists(f"container {q(container.id)}") from None
 
         await self._db.write(write)
         self._events.publish(
@@ -209,7 +209,7 @@ class ContainerStore:
 
     async def update(self, namespace: str, container: Container, paths: Sequence[str]) -> Container:
         identifiers.validate(container.id, "container id")
-        labels.validate(container.labels, f"container {container.id!r}")
+        labels.validate(container.labels, f"container {q(container.id)}")
 
         def write(conn: sqlite3.Connection) -> Container:
             current = _get(conn, namespace, container.id)
@@ -237,7 +237,7 @@ class ContainerStore:
                 "DELETE FROM containers WHERE namespace = ? AND id = ?", (namespace, container_id)
             )
             if cursor.rowcount == 0:
-                raise NotFound(f"container {container_id!r}")
+                raise NotFound(f"container {q(container_id)}")
 
         await self._db.write(write)
         self._events.publish(namespace, "/containers/delete", events_pb2.ContainerDelete(id=container_id))

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from runtimed import digests, filters, labels
 from runtimed.api.containerd.events import image_pb2 as events_pb2
-from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
+from runtimed.errors import AlreadyExists, InvalidArgument, NotFound, q
 from runtimed.events.exchange import Exchange
 from runtimed.metadata import namespaces
 from runtimed.metadata.db import Database
@@ -24,19 +24,19 @@ def validate_name(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(f"image name greater than maximum length ({MAX_NAME_LENGTH} characters)")
     if any(ch.isspace() or not ch.isprintable() for ch in name):
-        raise InvalidArgument(f"image name {name!r} must not contain whitespace or control characters")
+        raise InvalidArgument(f"image name {q(name)} must not contain whitespace or control characters")
     return name
 
 
 def validate(image: Image) -> None:
     validate_name(image.name)
-    labels.validate(image.labels, f"image {image.name!r}")
+    labels.validate(image.labels, f"image {q(image.name)}")
     target = image.target
-    digests.validate(target.digest, f"image {image.name!r}: target.digest")
+    digests.validate(target.digest, f"image {q(image.name)}: target.digest")
     if target.size <= 0:
-        raise InvalidArgument(f"image {image.name!r}: target.size must be greater than zero")
+        raise InvalidArgument(f"image {q(image.name)}: target.size must be greater than zero")
     if not target.media_type:
-        raise InvalidArgument(f"image {image.name!r}: target.media_type must be set")
+        raise InvalidArgument(f"image {q(image.name)}: target.media_type must be set")
 
 
 def _row(row: sqlite3.Row) -> Image:
@@ -68,7 +68,7 @@ def adaptor(image: Image) -> filters.Adaptor:
 def _get(conn: sqlite3.Connection, namespace: str, name: str) -> Image:
     row = conn.execute("SELECT * FROM images WHERE namespace = ? AND name = ?", (namespace, name)).fetchone()
     if row is None:
-        raise NotFound(f"image {name!r}")
+        raise NotFound(f"image {q(name)}")
     return _row(row)
 
 
@@ -108,7 +108,7 @@ def _merge(current: Image, incoming: Image, paths: Sequence[str]) -> Image:
         elif path == "annotations":
             updated.target = replace(updated.target, annotations=dict(incoming.target.annotations))
         else:
-            raise InvalidArgument(f"cannot update {path!r} field on image {current.name!r}")
+            raise InvalidArgument(f"cannot update {q(path)} field on image {q(current.name)}")
     return updated
 
 
@@ -140,7 +140,7 @@ class ImageStore:
             try:
                 _save(conn, namespace, created, insert=True)
             except sqlite3.IntegrityError:
-                raise AlreadyExists(f"image {image.name!r}") from None
+                raise AlreadyExists(f"image {q(image.name)}") from None
 
         await self._db.write(write)
         self._events.publish(
@@ -150,7 +150,7 @@ class ImageStore:
 
     async def update(self, namespace: str, image: Image, paths: Sequence[str]) -> Image:
         validate_name(image.name)
-        labels.validate(image.labels, f"image {image.name!r}")
+        labels.validate(image.labels, f"image {q(image.name)}")
 
         def write(conn: sqlite3.Connection) -> Image:
             updated = _merge(_get(conn, namespace, image.name), image, paths)
@@ -171,7 +171,7 @@ class ImageStore:
         def write(conn: sqlite3.Connection) -> None:
             cursor = conn.execute("DELETE FROM images WHERE namespace = ? AND name = ?", (namespace, name))
             if cursor.rowcount == 0:
-                raise NotFound(f"image {name!r}")
+                raise NotFound(f"image {q(name)}")
 
         await self._db.write(write)
         self._events.publish(namespace, "/images/delete", events_pb2.ImageDelete(name=name))

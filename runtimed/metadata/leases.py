@@ -8,7 +8,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from runtimed import filters, identifiers, labels
-from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
+from runtimed.errors import AlreadyExists, InvalidArgument, NotFound, q
 from runtimed.metadata import namespaces
 from runtimed.metadata.db import Database
 from runtimed.types import Lease, LeaseResource, now_ns
@@ -29,7 +29,7 @@ def validate_resource(resource: LeaseResource) -> LeaseResource:
         and len(resource.type) > len(SNAPSHOT_RESOURCE_PREFIX)
     ):
         raise InvalidArgument(
-            f"lease resource type {resource.type!r} must be content, ingests or snapshots/<snapshotter>"
+            f"lease resource type {q(resource.type)} must be content, ingests or snapshots/<snapshotter>"
         )
     return resource
 
@@ -43,7 +43,7 @@ def _require(conn: sqlite3.Connection, namespace: str, lease_id: str) -> None:
         conn.execute("SELECT 1 FROM leases WHERE namespace = ? AND id = ?", (namespace, lease_id)).fetchone()
         is None
     ):
-        raise NotFound(f"lease {lease_id!r}")
+        raise NotFound(f"lease {q(lease_id)}")
 
 
 class LeaseStore:
@@ -64,7 +64,7 @@ class LeaseStore:
                     (namespace, lease.id, json.dumps(lease.labels), lease.created_at),
                 )
             except sqlite3.IntegrityError:
-                raise AlreadyExists(f"lease {lease.id!r}") from None
+                raise AlreadyExists(f"lease {q(lease.id)}") from None
 
         await self._db.write(write)
         return lease
@@ -79,7 +79,7 @@ class LeaseStore:
                 ).rowcount
                 == 0
             ):
-                raise NotFound(f"lease {lease_id!r}")
+                raise NotFound(f"lease {q(lease_id)}")
 
         await self._db.write(write)
 

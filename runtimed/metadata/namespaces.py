@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from runtimed import filters, identifiers, labels
 from runtimed.api.containerd.events import namespace_pb2 as events_pb2
-from runtimed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from runtimed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, q
 from runtimed.events.exchange import Exchange
 from runtimed.metadata.db import NAMESPACED_TABLES, Database
 from runtimed.types import Namespace, now_ns
@@ -42,7 +42,7 @@ class NamespaceStore:
         def read(conn: sqlite3.Connection) -> Namespace:
             row = conn.execute("SELECT * FROM namespaces WHERE name = ?", (name,)).fetchone()
             if row is None:
-                raise NotFound(f"namespace {name!r}")
+                raise NotFound(f"namespace {q(name)}")
             return _row(row)
 
         return await self._db.read(read)
@@ -58,7 +58,7 @@ class NamespaceStore:
 
     async def create(self, namespace: Namespace) -> Namespace:
         identifiers.validate(namespace.name, "namespace")
-        labels.validate(namespace.labels, f"namespace {namespace.name!r}")
+        labels.validate(namespace.labels, f"namespace {q(namespace.name)}")
 
         def write(conn: sqlite3.Connection) -> None:
             stamp = now_ns()
@@ -68,7 +68,7 @@ class NamespaceStore:
                     (namespace.name, json.dumps(namespace.labels), stamp, stamp),
                 )
             except sqlite3.IntegrityError:
-                raise AlreadyExists(f"namespace {namespace.name!r}") from None
+                raise AlreadyExists(f"namespace {q(namespace.name)}") from None
 
         await self._db.write(write)
         self._events.publish(
@@ -80,16 +80,16 @@ class NamespaceStore:
 
     async def update(self, namespace: Namespace, paths: Sequence[str]) -> Namespace:
         identifiers.validate(namespace.name, "namespace")
-        labels.validate(namespace.labels, f"namespace {namespace.name!r}")
+        labels.validate(namespace.labels, f"namespace {q(namespace.name)}")
 
         def write(conn: sqlite3.Connection) -> Namespace:
             row = conn.execute("SELECT * FROM namespaces WHERE name = ?", (namespace.name,)).fetchone()
             if row is None:
-                raise NotFound(f"namespace {namespace.name!r}")
+                raise NotFound(f"namespace {q(namespace.name)}")
             current = _row(row)
             for path in paths or ["labels"]:
                 if not labels.apply_mask_path(current.labels, namespace.labels, path):
-                    raise InvalidArgument(f"cannot update {path!r} field on namespace {namespace.name!r}")
+                    raise InvalidArgument(f"cannot update {q(path)} field on namespace {q(namespace.name)}")
             conn.execute(
                 "UPDATE namespaces SET labels = ?, updated_at = ? WHERE name = ?",
                 (json.dumps(current.labels), now_ns(), namespace.name),
@@ -109,7 +109,7 @@ class NamespaceStore:
 
         def write(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM namespaces WHERE name = ?", (name,)).fetchone() is None:
-                raise NotFound(f"namespace {name!r}")
+                raise NotFound(f"namespace {q(name)}")
             in_use = [
                 kind
                 for kind, table in NAMESPACED_TABLES.items()
@@ -117,7 +117,7 @@ class NamespaceStore:
             ]
             if in_use:
                 raise FailedPrecondition(
-                    f"namespace {name!r} must be empty, but it still has {', '.join(in_use)}"
+                    f"namespace {q(name)} must be empty, but it still has {', '.join(in_use)}"
                 )
             conn.execute("DELETE FROM namespaces WHERE name = ?", (name,))
 

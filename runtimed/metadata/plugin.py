@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtimed.errors import ConfigError
+from runtimed.errors import ConfigError, q
 from runtimed.events.exchange import Exchange
 from runtimed.metadata.containers import ContainerStore
 from runtimed.metadata.db import SYNC_MODES, Database
@@ -41,7 +41,7 @@ async def open_metadata(path, events: Exchange, *, sync: str = "full") -> Metada
 async def _init(ctx: InitContext) -> Metadata:
     sync = ctx.config["sync"]
     if sync not in SYNC_MODES:
-        raise ConfigError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
+        raise ConfigError(f"sync must be one of {', '.join(SYNC_MODES)}, got {q(sync)}")
     ctx.ensure_dirs()
     path = ctx.root / "meta.db"
     ctx.exports["path"] = str(path)

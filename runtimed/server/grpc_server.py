@@ -17,7 +17,7 @@ from runtimed.api.containerd.services.leases.v1 import leases_pb2_grpc
 from runtimed.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from runtimed.api.containerd.services.tasks.v1 import tasks_pb2_grpc
 from runtimed.config import GrpcConfig
-from runtimed.errors import InvalidArgument, StartupError
+from runtimed.errors import InvalidArgument, StartupError, q
 from runtimed.plugin import PluginSet, PluginType
 from runtimed.server.interceptors import EdgeInterceptor
 from runtimed.services.base import GrpcService
@@ -57,10 +57,10 @@ def parse_address(address: str) -> Path:
     """A unix socket path from "unix:///path" or "/path"."""
     path = address.removeprefix("unix://")
     if not path.startswith("/"):
-        raise InvalidArgument(f"address {address!r} must be an absolute unix socket path (unix:///PATH)")
+        raise InvalidArgument(f"address {q(address)} must be an absolute unix socket path (unix:///PATH)")
     # sun_path is 108 bytes including the terminating NUL.
     if len(path.encode()) > 107:
-        raise InvalidArgument(f"address {address!r} is longer than a unix socket path can be (107 bytes)")
+        raise InvalidArgument(f"address {q(address)} is longer than a unix socket path can be (107 bytes)")
     return Path(path)
 
 

@@ -66,3 +66,8 @@ def test_invalid_identifiers_name_the_field(value, fragment):
     with pytest.raises(errors.InvalidArgument, match=fragment) as info:
         identifiers.validate(value, "container id")
     assert str(info.value).startswith("container id: ")
+
+
+def test_quoting_matches_go():
+    assert errors.q("c1") == '"c1"'
+    assert errors.q('a"b') == '"a\\"b"'

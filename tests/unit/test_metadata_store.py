@@ -43,7 +43,7 @@ async def test_create_get_list_delete_container(meta):
     assert got.spec == SPEC and got.labels == {"app": "web"}
     assert [c.id for c in await meta.containers.list("default")] == ["c1"]
     await meta.containers.delete("default", "c1")
-    with pytest.raises(NotFound, match="container 'c1': not found"):
+    with pytest.raises(NotFound, match="container \"c1\": not found"):
         await meta.containers.get("default", "c1")
 
 
@@ -67,7 +67,7 @@ async def test_namespaces_are_the_tenant_boundary(meta):
 
 async def test_duplicate_and_invalid_containers(meta):
     await meta.containers.create("default", container())
-    with pytest.raises(AlreadyExists, match="container 'c1': already exists"):
+    with pytest.raises(AlreadyExists, match="container \"c1\": already exists"):
         await meta.containers.create("default", container())
     with pytest.raises(InvalidArgument, match="container id"):
         await meta.containers.create("default", container("bad id!"))
@@ -88,7 +88,7 @@ async def test_container_update_masks(meta):
     assert updated.labels == {"a": "9"}
     updated = await meta.containers.update("default", container(image="new"), ["image"])
     assert updated.image == "new" and updated.labels == {"a": "9"}
-    with pytest.raises(InvalidArgument, match="cannot update 'runtime'"):
+    with pytest.raises(InvalidArgument, match='cannot update "runtime"'):
         await meta.containers.update("default", container(), ["runtime"])
     other_runtime = Container(id="c1", runtime=RuntimeInfo("other"), spec=SPEC)
     with pytest.raises(InvalidArgument, match="immutable"):
@@ -133,7 +133,7 @@ async def test_image_validation_and_update(meta):
     new_target = Descriptor("application/vnd.oci.image.index.v1+json", "sha256:" + "b" * 64, 99)
     updated = await meta.images.update("default", Image(image().name, new_target), ["target"])
     assert updated.target == new_target
-    with pytest.raises(NotFound, match="image 'nope': not found"):
+    with pytest.raises(NotFound, match="image \"nope\": not found"):
         await meta.images.update("default", Image("nope", new_target), ["target"])
 
 
@@ -144,7 +144,7 @@ async def test_namespace_lifecycle_and_non_empty_delete(meta):
     updated = await meta.namespaces.update(Namespace("ns1", {"b": "2"}), ["labels.b"])
     assert updated.labels == {"a": "1", "b": "2"}
     await meta.images.create("ns1", image())
-    with pytest.raises(FailedPrecondition, match="'ns1' must be empty, but it still has images"):
+    with pytest.raises(FailedPrecondition, match='"ns1" must be empty, but it still has images'):
         await meta.namespaces.delete("ns1")
     await meta.images.delete("ns1", image().name)
     await meta.namespaces.delete("ns1")
