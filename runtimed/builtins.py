@@ -14,6 +14,7 @@ BUILTIN_MODULES = (
     "runtimed.services.introspection",
     "runtimed.services.containers",
     "runtimed.services.images",
+    "runtimed.services.events",
 )
 
 

@@ -109,12 +109,13 @@ class Exchange:
         self._subscribers: set[Subscription] = set()
 
     def publish(self, namespace: str, topic: str, event: Message) -> Envelope:
+        """Publish one of runtimed's own events (a containerd event message)."""
+        return self.publish_encoded(namespace, topic, event.DESCRIPTOR.full_name, event.SerializeToString())
+
+    def publish_encoded(self, namespace: str, topic: str, event_type: str, event: bytes) -> Envelope:
+        """Publish an already-encoded event, e.g. one a client sent through Events.Publish."""
         envelope = Envelope(
-            timestamp=now_ns(),
-            namespace=namespace,
-            topic=topic,
-            event_type=event.DESCRIPTOR.full_name,
-            event=event.SerializeToString(),
+            timestamp=now_ns(), namespace=namespace, topic=topic, event_type=event_type, event=event
         )
         self.forward(envelope)
         return envelope
