@@ -14,7 +14,6 @@ either a `Registration`, an iterable of them, or a callable returning either.
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,6 +24,7 @@ from typing import Any
 import structlog
 
 from runtimed.errors import ConfigError, FailedPrecondition, NotFound, PluginSkipped
+from runtimed.platforms import Platform
 
 log = structlog.get_logger("runtimed.plugin")
 
@@ -49,13 +49,6 @@ class PluginType(StrEnum):
     RUNTIME = "io.runtimed.runtime.v1"
     # Anything loaded from an entry point that could not even be registered.
     EXTERNAL = "io.runtimed.external.v1"
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str = "linux"
-    architecture: str = "amd64"
-    variant: str = ""
 
 
 InitFn = Callable[["InitContext"], Any]
@@ -327,6 +320,4 @@ async def close_all(plugins: PluginSet) -> None:
 
 
 def host_platform() -> Platform:
-    machine = os.uname().machine
-    architecture = {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
-    return Platform(os="linux", architecture=architecture)
+    return Platform.host()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from runtimed.platforms import Platform
+
 
 def now_ns() -> int:
     return time.time_ns()
@@ -24,6 +26,8 @@ class Descriptor:
     digest: str
     size: int
     annotations: dict[str, str] = field(default_factory=dict)
+    # Only in index entries: which platform the manifest is for.
+    platform: Platform | None = None
 
 
 @dataclass
