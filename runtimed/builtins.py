@@ -14,7 +14,13 @@ BUILTIN_MODULES = (
     "runtimed.services.introspection",
     "runtimed.services.containers",
     "runtimed.services.images",
+    "plugins.snapshotters.overlay",
+    "plugins.snapshotters.native",
+    "runtimed.services.snapshots",
     "runtimed.services.events",
+    "runtimed.content.plugin",
+    "runtimed.services.content",
+    "runtimed.services.leases",
 )
 
 

@@ -13,6 +13,7 @@ Schema (every namespaced table is keyed by namespace first):
            target_annotations, created_at, updated_at)
     leases(namespace, id, labels, created_at)
     lease_resources(namespace, lease_id, resource_type, resource_id)
+    content(namespace, digest, size, labels, created_at, updated_at)
 
 Labels and annotations are JSON objects; Any values are serialised protobuf Any bytes.
 """
@@ -87,10 +88,24 @@ MIGRATIONS: list[str] = [
         FOREIGN KEY (namespace, lease_id) REFERENCES leases(namespace, id) ON DELETE CASCADE
     );
     """,
+    # content: which namespaces see which blob (the bytes live in the content plugin's blobs/)
+    """
+    CREATE TABLE content (
+        namespace TEXT NOT NULL REFERENCES namespaces(name),
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, digest)
+    );
+    CREATE INDEX content_by_digest ON content(digest);
+    """,
 ]
 
 # Tables whose rows make a namespace non-empty (grows as content and snapshots land).
 NAMESPACED_TABLES: dict[str, str] = {"containers": "containers", "images": "images", "leases": "leases"}
+NAMESPACED_TABLES["content"] = "content"
 
 SYNC_MODES = ("full", "normal")
 

@@ -54,7 +54,7 @@ class LeaseStore:
         lease = Lease(
             id=lease_id or generate_id(), labels=labels.validate(lease_labels, "lease"), created_at=now_ns()
         )
-        identifiers.validate(lease.id, "lease id")
+        identifiers.validate_lease_id(lease.id)
 
         def write(conn: sqlite3.Connection) -> None:
             namespaces.ensure(conn, namespace)
@@ -70,7 +70,7 @@ class LeaseStore:
         return lease
 
     async def delete(self, namespace: str, lease_id: str) -> None:
-        identifiers.validate(lease_id, "lease id")
+        identifiers.validate_lease_id(lease_id)
 
         def write(conn: sqlite3.Connection) -> None:
             if (
@@ -99,7 +99,7 @@ class LeaseStore:
         return await self._db.read(read)
 
     async def add_resource(self, namespace: str, lease_id: str, resource: LeaseResource) -> None:
-        identifiers.validate(lease_id, "lease id")
+        identifiers.validate_lease_id(lease_id)
         validate_resource(resource)
 
         def write(conn: sqlite3.Connection) -> None:
@@ -113,7 +113,7 @@ class LeaseStore:
         await self._db.write(write)
 
     async def delete_resource(self, namespace: str, lease_id: str, resource: LeaseResource) -> None:
-        identifiers.validate(lease_id, "lease id")
+        identifiers.validate_lease_id(lease_id)
         validate_resource(resource)
 
         def write(conn: sqlite3.Connection) -> None:
@@ -127,7 +127,7 @@ class LeaseStore:
         await self._db.write(write)
 
     async def list_resources(self, namespace: str, lease_id: str) -> list[LeaseResource]:
-        identifiers.validate(lease_id, "lease id")
+        identifiers.validate_lease_id(lease_id)
 
         def read(conn: sqlite3.Connection) -> list[LeaseResource]:
             _require(conn, namespace, lease_id)

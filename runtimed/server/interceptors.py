@@ -34,7 +34,7 @@ def current_namespace() -> str:
 def current_lease() -> str:
     """The lease of the call being served, or "" outside a lease."""
     lease = _lease.get()
-    return identifiers.validate(lease, "lease") if lease else ""
+    return identifiers.validate_lease_id(lease, "lease") if lease else ""
 
 
 def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:

@@ -13,7 +13,6 @@ import pytest
 from google.protobuf import any_pb2
 
 from runtimed.api.containerd.services.containers.v1 import containers_pb2
-from runtimed.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from runtimed.client import Client
 
@@ -111,10 +110,7 @@ def test_invalid_namespace_header_is_invalid_argument(daemon):
 
 def test_services_of_later_issues_answer_unimplemented(daemon):
     with grpc.insecure_channel(f"unix://{daemon.socket_path}") as channel:
-        for call in (
-            lambda: content_pb2_grpc.ContentStub(channel).Info(content_pb2.InfoRequest(digest="sha256:x")),
-            lambda: tasks_pb2_grpc.TasksStub(channel).List(tasks_pb2.ListTasksRequest()),
-        ):
+        for call in (lambda: tasks_pb2_grpc.TasksStub(channel).List(tasks_pb2.ListTasksRequest()),):
             with pytest.raises(grpc.RpcError) as info:
                 call()
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

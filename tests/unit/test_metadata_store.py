@@ -43,7 +43,7 @@ async def test_create_get_list_delete_container(meta):
     assert got.spec == SPEC and got.labels == {"app": "web"}
     assert [c.id for c in await meta.containers.list("default")] == ["c1"]
     await meta.containers.delete("default", "c1")
-    with pytest.raises(NotFound, match="container \"c1\": not found"):
+    with pytest.raises(NotFound, match='container "c1": not found'):
         await meta.containers.get("default", "c1")
 
 
@@ -67,7 +67,7 @@ async def test_namespaces_are_the_tenant_boundary(meta):
 
 async def test_duplicate_and_invalid_containers(meta):
     await meta.containers.create("default", container())
-    with pytest.raises(AlreadyExists, match="container \"c1\": already exists"):
+    with pytest.raises(AlreadyExists, match='container "c1": already exists'):
         await meta.containers.create("default", container())
     with pytest.raises(InvalidArgument, match="container id"):
         await meta.containers.create("default", container("bad id!"))
@@ -133,7 +133,7 @@ async def test_image_validation_and_update(meta):
     new_target = Descriptor("application/vnd.oci.image.index.v1+json", "sha256:" + "b" * 64, 99)
     updated = await meta.images.update("default", Image(image().name, new_target), ["target"])
     assert updated.target == new_target
-    with pytest.raises(NotFound, match="image \"nope\": not found"):
+    with pytest.raises(NotFound, match='image "nope": not found'):
         await meta.images.update("default", Image("nope", new_target), ["target"])
 
 

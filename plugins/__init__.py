@@ -1,0 +1,1 @@
+"""Backends behind runtimed's core interfaces (snapshotters, later runtimes), each a plugin."""
