@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from fixtures.registry import registry, registry_factory  # noqa: F401 - a real registry (tests/fixtures)
 
 from runtimed.client import Client
 
