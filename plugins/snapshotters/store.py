@@ -18,19 +18,17 @@ recorded at commit.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 
 from plugins.snapshotters.types import Info, Kind
-from runtimed.errors import FailedPrecondition, Internal, NotFound
+from runtimed.errors import NotFound
+from runtimed.metadata.db import Database
 
 log = structlog.get_logger("runtimed.snapshotter")
 
@@ -139,95 +137,8 @@ def ids(conn: sqlite3.Connection) -> set[int]:
     return {row["id"] for row in conn.execute("SELECT id FROM snapshots")}
 
 
-class MetaStore:
+class MetaStore(Database):
+    """The snapshotter's own SQLite file, with runtimed.metadata.db's threading and migrations."""
+
     def __init__(self, path: Path, *, sync: str = "full") -> None:
-        self.path = path
-        self._sync = sync
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshotter-db")
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
-
-    async def open(self) -> None:
-        await self._run(self._open)
-
-    def _open(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed snapshot survives power loss, not only a daemon crash.
-            conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=5000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
-                raise FailedPrecondition(
-                    f"snapshot database {self.path} has schema {version}, newer than this runtimed "
-                    f"({len(MIGRATIONS)}); refusing to downgrade"
-                )
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                log.info("migrating snapshot schema", path=str(self.path), version=number)
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in script.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={number}")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._closed:
-            raise Internal(f"snapshot database {self.path} is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
-
-    def _conn_or_fail(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise Internal(f"snapshot database {self.path} is not open")
-        return self._conn
-
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(conn, *args) in a read transaction (a consistent snapshot)."""
-
-        def run() -> T:
-            conn = self._conn_or_fail()
-            conn.execute("BEGIN")
-            try:
-                return fn(conn, *args)
-            finally:
-                conn.execute("COMMIT")
-
-        return await self._run(run)
-
-    async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(conn, *args) in one write transaction: all of it commits, or none."""
-
-        def run() -> T:
-            conn = self._conn_or_fail()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn, *args)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
-
-        return await self._run(run)
-
-    async def close(self) -> None:
-        """Close the database; closing twice is harmless."""
-        if self._closed:
-            return
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await self._run(conn.close)
-        self._closed = True
-        self._executor.shutdown(wait=True)
+        super().__init__(path, sync=sync, migrations=MIGRATIONS, name="snapshot")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,13 +111,29 @@ SYNC_MODES = ("full", "normal")
 
 
 class Database:
-    def __init__(self, path: Path, *, sync: str = "full") -> None:
+    """One SQLite file, its migrations, and the single thread every call on it runs on.
+
+    Also used by other stores that keep their own file (the snapshotters), with their
+    own migrations and name.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        sync: str = "full",
+        migrations: Sequence[str] = MIGRATIONS,
+        name: str = "metadata",
+    ) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}")
         self.path = path
         self._sync = sync
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metadata")
+        self._migrations = list(migrations)
+        self._name = name
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-db")
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -125,20 +141,29 @@ class Database:
     def _open(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL survives power loss; NORMAL survives a daemon crash (kill -9) but not power loss.
-        conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL survives power loss; NORMAL survives a daemon crash (kill -9) but not power loss.
+            conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
+        latest = len(self._migrations)
+        if version > latest:
             raise FailedPrecondition(
-                f"metadata database {self.path} has schema {version}, newer than this runtimed "
-                f"({len(MIGRATIONS)}); refusing to downgrade"
+                f"{self._name} database {self.path} has schema {version}, newer than this runtimed "
+                f"({latest}); refusing to downgrade"
             )
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            log.info("migrating metadata schema", version=number)
+        for number, script in enumerate(self._migrations[version:], start=version + 1):
+            log.info("migrating schema", database=self._name, path=str(self.path), version=number)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in script.split(";"):
@@ -149,15 +174,16 @@ class Database:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        self._conn = conn
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise Internal(f"{self._name} database {self.path} is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
     def _conn_or_fail(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise Internal("metadata database is not open")
+            raise Internal(f"{self._name} database {self.path} is not open")
         return self._conn
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
@@ -190,7 +216,11 @@ class Database:
         return await self._run(run)
 
     async def close(self) -> None:
+        """Close the database; closing twice is harmless."""
+        if self._closed:
+            return
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await self._run(conn.close)
+        self._closed = True
         self._executor.shutdown(wait=True)

@@ -76,10 +76,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         def done(started: float) -> None:
             log.debug("request", duration_ms=round((time.perf_counter() - started) * 1000, 2))
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
+        def single(inner: Callable[..., Any]) -> Callable[..., Any]:
+            """Wrap a method with one response (unary-unary or stream-unary)."""
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = enter()
                 try:
                     response = await inner(request, context)
@@ -90,59 +90,29 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 done(started)
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return behavior
 
+        def streaming(inner: Callable[..., Any]) -> Callable[..., Any]:
+            """Wrap a method with a stream of responses (unary-stream or stream-stream)."""
+
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = enter()
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(context, exc, started)
+                done(started)
+
+            return behavior
+
+        codec = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(single(handler.unary_unary), *codec)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(single(handler.stream_unary), *codec)
         if handler.unary_stream:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = enter()
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await fail(context, exc, started)
-                done(started)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-
-        if handler.stream_stream:
-            inner_bidi = handler.stream_stream
-
-            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = enter()
-                try:
-                    async for item in inner_bidi(requests, context):
-                        yield item
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await fail(context, exc, started)
-                done(started)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer
-            )
-
-        inner_client_stream = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = enter()
-            try:
-                response = await inner_client_stream(requests, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await fail(context, exc, started)
-            done(started)
-            return response
-
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
-        )
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), *codec)
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), *codec)
