@@ -21,6 +21,8 @@ BUILTIN_MODULES = (
     "runtimed.content.plugin",
     "runtimed.services.content",
     "runtimed.services.leases",
+    "runtimed.diff.plugin",
+    "runtimed.services.diff",
 )
 
 
