@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "runtimed.content.plugin",
     "runtimed.services.content",
     "runtimed.services.leases",
+    "runtimed.gc.plugin",
     "runtimed.diff.plugin",
     "runtimed.services.diff",
 )

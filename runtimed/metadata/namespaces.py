@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from runtimed import filters, identifiers, labels
 from runtimed.api.containerd.events import namespace_pb2 as events_pb2
@@ -12,6 +12,10 @@ from runtimed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, 
 from runtimed.events.exchange import Exchange
 from runtimed.metadata.db import NAMESPACED_TABLES, Database
 from runtimed.types import Namespace, now_ns
+
+# What else keeps a namespace in use (stores outside this database, e.g. snapshotters):
+# returns the names of what the namespace still has, e.g. ['snapshots on "overlayfs" snapshotter'].
+InUseCheck = Callable[[str], Awaitable[list[str]]]
 
 
 def ensure(conn: sqlite3.Connection, namespace: str) -> None:
@@ -35,6 +39,10 @@ class NamespaceStore:
     def __init__(self, db: Database, events: Exchange) -> None:
         self._db = db
         self._events = events
+        self._in_use_checks: list[InUseCheck] = []
+
+    def add_in_use_check(self, check: InUseCheck) -> None:
+        self._in_use_checks.append(check)
 
     async def get(self, name: str) -> Namespace:
         identifiers.validate(name, "namespace")
@@ -106,6 +114,8 @@ class NamespaceStore:
 
     async def delete(self, name: str) -> None:
         identifiers.validate(name, "namespace")
+        # Outside the transaction (other stores); a NotFound below still takes precedence.
+        elsewhere = [kind for check in self._in_use_checks for kind in await check(name)]
 
         def write(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM namespaces WHERE name = ?", (name,)).fetchone() is None:
@@ -115,6 +125,7 @@ class NamespaceStore:
                 for kind, table in NAMESPACED_TABLES.items()
                 if conn.execute(f"SELECT 1 FROM {table} WHERE namespace = ? LIMIT 1", (name,)).fetchone()
             ]
+            in_use += elsewhere
             if in_use:
                 raise FailedPrecondition(
                     f"namespace {q(name)} must be empty, but it still has {', '.join(in_use)}"

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from google.protobuf import empty_pb2
 
+from runtimed import gc
 from runtimed.api.containerd.services.images.v1 import images_pb2 as pb
 from runtimed.api.containerd.services.images.v1 import images_pb2_grpc as pb_grpc
 from runtimed.metadata.images import ImageStore
-from runtimed.plugin import PluginType
+from runtimed.plugin import PluginSet, PluginType
 from runtimed.server.interceptors import current_namespace
 from runtimed.services import convert
 from runtimed.services.base import field_paths, grpc_plugin
 
 
 class ImagesServicer(pb_grpc.ImagesServicer):
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, store: ImageStore, plugins: PluginSet | None = None) -> None:
         self._store = store
+        self._plugins = plugins  # the GC scheduler is looked up per call (it inits later)
 
     async def Get(self, request, context):
         image = await self._store.get(current_namespace(), request.name)
@@ -36,8 +38,10 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         return pb.UpdateImageResponse(image=convert.image_to_pb(updated))
 
     async def Delete(self, request, context):
-        # sync (wait for garbage collection) takes effect once content and GC land.
         await self._store.delete(current_namespace(), request.name)
+        if request.sync and self._plugins is not None:
+            # `ctr images rm --sync`: return once the content and snapshots are collected.
+            await gc.collect(self._plugins)
         return empty_pb2.Empty()
 
 
@@ -45,7 +49,7 @@ PLUGINS = [
     grpc_plugin(
         "images",
         "containerd.services.images.v1.Images",
-        lambda ctx: ImagesServicer(ctx.plugins.get_single(PluginType.METADATA).images),
+        lambda ctx: ImagesServicer(ctx.plugins.get_single(PluginType.METADATA).images, ctx.plugins),
         pb_grpc.add_ImagesServicer_to_server,
         requires=[PluginType.METADATA],
     )

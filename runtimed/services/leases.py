@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from google.protobuf import empty_pb2
 
+from runtimed import gc
 from runtimed.api.containerd.services.leases.v1 import leases_pb2 as pb
 from runtimed.api.containerd.services.leases.v1 import leases_pb2_grpc as pb_grpc
 from runtimed.metadata.leases import LeaseStore
-from runtimed.plugin import PluginType
+from runtimed.plugin import PluginSet, PluginType
 from runtimed.server.interceptors import current_namespace
 from runtimed.services import convert
 from runtimed.services.base import grpc_plugin
@@ -23,8 +24,9 @@ def resource_to_core(message: pb.Resource) -> LeaseResource:
 
 
 class LeasesServicer(pb_grpc.LeasesServicer):
-    def __init__(self, store: LeaseStore) -> None:
+    def __init__(self, store: LeaseStore, plugins: PluginSet | None = None) -> None:
         self._store = store
+        self._plugins = plugins  # the GC scheduler is looked up per call (it inits later)
 
     async def Create(self, request, context):
         # An empty id asks the server to generate one (`ctr leases create` sends none).
@@ -32,8 +34,13 @@ class LeasesServicer(pb_grpc.LeasesServicer):
         return pb.CreateResponse(lease=lease_to_pb(lease))
 
     async def Delete(self, request, context):
-        # `sync` (wait for garbage collection) is accepted; it takes effect once GC lands.
         await self._store.delete(current_namespace(), request.id)
+        if self._plugins is not None:
+            # What only the lease held is garbage now; leases publish no event to trigger on.
+            if request.sync:
+                await gc.collect(self._plugins)
+            else:
+                gc.notify_deletion(self._plugins)
         return empty_pb2.Empty()
 
     async def List(self, request, context):
@@ -46,6 +53,8 @@ class LeasesServicer(pb_grpc.LeasesServicer):
 
     async def DeleteResource(self, request, context):
         await self._store.delete_resource(current_namespace(), request.id, resource_to_core(request.resource))
+        if self._plugins is not None:
+            gc.notify_deletion(self._plugins)
         return empty_pb2.Empty()
 
     async def ListResources(self, request, context):
@@ -57,7 +66,7 @@ PLUGINS = [
     grpc_plugin(
         "leases",
         "containerd.services.leases.v1.Leases",
-        lambda ctx: LeasesServicer(ctx.plugins.get_single(PluginType.METADATA).leases),
+        lambda ctx: LeasesServicer(ctx.plugins.get_single(PluginType.METADATA).leases, ctx.plugins),
         pb_grpc.add_LeasesServicer_to_server,
         requires=[PluginType.METADATA],
     )

@@ -4,10 +4,16 @@ Each request names its snapshotter: empty → InvalidArgument "snapshotter argum
 unknown → InvalidArgument "snapshotter not loaded: <name>" (containerd's words). Prepare, Commit
 and Remove publish /snapshot/prepare, /snapshot/commit and /snapshot/remove (View does not, as in
 containerd). Writes create the namespace implicitly in the metadata store, as containerd does.
+
+Under a lease (the `containerd-lease` header), Prepare and View add the new key, and Commit the
+committed name, to the lease as a `snapshots/<snapshotter>` resource *before* the snapshotter
+creates it, so no garbage collection can see the snapshot unheld; Commit and Remove then drop
+the key that no longer exists (containerd does both in its one metadata transaction).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 from google.protobuf import empty_pb2
@@ -18,15 +24,17 @@ from runtimed.api.containerd.events import snapshot_pb2 as events_pb2
 from runtimed.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from runtimed.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from runtimed.api.containerd.types import mount_pb2
-from runtimed.errors import InvalidArgument
+from runtimed.errors import InvalidArgument, NotFound, q
 from runtimed.events.exchange import Exchange
 from runtimed.metadata import namespaces
 from runtimed.metadata.db import Database
+from runtimed.metadata.leases import SNAPSHOT_RESOURCE_PREFIX, LeaseStore
+from runtimed.metadata.namespaces import InUseCheck
 from runtimed.plugin import InitContext, PluginType
-from runtimed.server.interceptors import current_namespace
+from runtimed.server.interceptors import current_lease, current_namespace
 from runtimed.services.base import field_paths, grpc_plugin
 from runtimed.services.convert import timestamp
-from runtimed.types import Mount
+from runtimed.types import LeaseResource, Mount
 
 LIST_BATCH = 100  # infos per ListSnapshotsResponse, as containerd sends them
 
@@ -53,11 +61,16 @@ def info_to_core(message: pb.Info) -> Info:
 
 class SnapshotsServicer(pb_grpc.SnapshotsServicer):
     def __init__(
-        self, snapshotters: Mapping[str, Snapshotter], events: Exchange, metadata_db: Database | None = None
+        self,
+        snapshotters: Mapping[str, Snapshotter],
+        events: Exchange,
+        metadata_db: Database | None = None,
+        leases: LeaseStore | None = None,
     ) -> None:
         self._snapshotters = dict(snapshotters)
         self._events = events
         self._metadata_db = metadata_db
+        self._leases = leases
 
     def _get(self, name: str) -> Snapshotter:
         if not name:
@@ -72,10 +85,22 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         if self._metadata_db is not None:
             await self._metadata_db.write(namespaces.ensure, namespace)
 
+    async def _lease(self, namespace: str, snapshotter: str, key: str, *, add: bool) -> None:
+        lease = current_lease()
+        if lease and key and self._leases is not None:  # an empty key: the snapshotter's error
+            resource = LeaseResource(id=key, type=SNAPSHOT_RESOURCE_PREFIX + snapshotter)
+            if add:
+                # A failed create leaves this resource naming nothing: harmless, gone with the lease.
+                await self._leases.add_resource(namespace, lease, resource)
+            else:
+                with contextlib.suppress(NotFound):  # the lease went meanwhile: nothing to drop
+                    await self._leases.delete_resource(namespace, lease, resource)
+
     async def Prepare(self, request, context):
         snapshotter = self._get(request.snapshotter)
         namespace = current_namespace()
         await self._ensure_namespace(namespace)
+        await self._lease(namespace, request.snapshotter, request.key, add=True)
         mounts = await snapshotter.prepare(namespace, request.key, request.parent, dict(request.labels))
         self._events.publish(
             namespace,
@@ -90,6 +115,7 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         snapshotter = self._get(request.snapshotter)
         namespace = current_namespace()
         await self._ensure_namespace(namespace)
+        await self._lease(namespace, request.snapshotter, request.key, add=True)
         mounts = await snapshotter.view(namespace, request.key, request.parent, dict(request.labels))
         return pb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
@@ -100,7 +126,9 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
     async def Commit(self, request, context):
         snapshotter = self._get(request.snapshotter)
         namespace = current_namespace()
+        await self._lease(namespace, request.snapshotter, request.name, add=True)
         await snapshotter.commit(namespace, request.name, request.key, dict(request.labels))
+        await self._lease(namespace, request.snapshotter, request.key, add=False)
         self._events.publish(
             namespace,
             "/snapshot/commit",
@@ -112,6 +140,7 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         snapshotter = self._get(request.snapshotter)
         namespace = current_namespace()
         await snapshotter.remove(namespace, request.key)
+        await self._lease(namespace, request.snapshotter, request.key, add=False)
         self._events.publish(
             namespace,
             "/snapshot/remove",
@@ -150,12 +179,21 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
+def _in_use_check(name: str, snapshotter: Snapshotter) -> InUseCheck:
+    async def check(namespace: str) -> list[str]:
+        # containerd's words: `namespace "x" must be empty, but it still has snapshots on ...`
+        return [f"snapshots on {q(name)} snapshotter"] if await snapshotter.has_snapshots(namespace) else []
+
+    return check
+
+
 def _make(ctx: InitContext) -> SnapshotsServicer:
     metadata = ctx.plugins.get_single(PluginType.METADATA)
+    snapshotters = ctx.plugins.get_by_type(PluginType.SNAPSHOTTER)
+    for name, snapshotter in snapshotters.items():
+        metadata.namespaces.add_in_use_check(_in_use_check(name, snapshotter))
     return SnapshotsServicer(
-        ctx.plugins.get_by_type(PluginType.SNAPSHOTTER),
-        ctx.plugins.get_single(PluginType.EVENT),
-        metadata.db,
+        snapshotters, ctx.plugins.get_single(PluginType.EVENT), metadata.db, metadata.leases
     )
 
 

@@ -308,7 +308,11 @@ def test_snapshots_survive_restart_and_kill_9(daemon, snapshotter):
 
     mounts = stub_call("Prepare", pb.PrepareSnapshotRequest(snapshotter=s, key="k1")).mounts
     stub_call("Commit", pb.CommitSnapshotRequest(snapshotter=s, name="c1", key="k1"))
-    child = stub_call("Prepare", pb.PrepareSnapshotRequest(snapshotter=s, key="k2", parent="c1")).mounts
+    # A gc.root label keeps the chain from the start-up garbage collection (nothing else holds it).
+    root = {"containerd.io/gc.root": "test"}
+    child = stub_call(
+        "Prepare", pb.PrepareSnapshotRequest(snapshotter=s, key="k2", parent="c1", labels=root)
+    ).mounts
     daemon.restart()
     assert stub_call("Stat", pb.StatSnapshotRequest(snapshotter=s, key="c1")).info.kind == pb.COMMITTED
     daemon.kill()
