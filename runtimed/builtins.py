@@ -24,6 +24,8 @@ BUILTIN_MODULES = (
     "runtimed.gc.plugin",
     "runtimed.diff.plugin",
     "runtimed.services.diff",
+    "runtimed.images.service",
+    "runtimed.services.transfer",
 )
 
 

@@ -27,7 +27,7 @@ from runtimed.cli.common import (
     report,
 )
 
-COMMAND_MODULES = ("version", "namespaces", "plugins", "containers", "images")
+COMMAND_MODULES = ("version", "namespaces", "plugins", "containers", "images", "pull", "push", "archive")
 
 
 def build_parser() -> argparse.ArgumentParser:
