@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from runtimed.errors import InvalidArgument
-
-LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-LAYER_TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-LAYER_ND_TAR = "application/vnd.oci.image.layer.nondistributable.v1.tar"
-LAYER_ND_TAR_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-LAYER_ND_TAR_ZSTD = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-DOCKER_FOREIGN_LAYER_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+from runtimed.errors import InvalidArgument, q
+from runtimed.mediatypes import DOCKER_FOREIGN_LAYER_GZIP, DOCKER_LAYER, DOCKER_LAYER_GZIP
+from runtimed.mediatypes import OCI_LAYER as LAYER_TAR
+from runtimed.mediatypes import OCI_LAYER_GZIP as LAYER_TAR_GZIP
+from runtimed.mediatypes import OCI_LAYER_ND as LAYER_ND_TAR
+from runtimed.mediatypes import OCI_LAYER_ND_GZIP as LAYER_ND_TAR_GZIP
+from runtimed.mediatypes import OCI_LAYER_ND_ZSTD as LAYER_ND_TAR_ZSTD
+from runtimed.mediatypes import OCI_LAYER_ZSTD as LAYER_TAR_ZSTD
 
 
 class Compression(StrEnum):
@@ -47,7 +44,7 @@ def compression_of(media_type: str) -> Compression:
     """The compression of a layer media type; InvalidArgument for anything not a layer."""
     compression = _COMPRESSION.get(media_type)
     if compression is None:
-        raise InvalidArgument(f"unsupported layer media type {media_type!r}")
+        raise InvalidArgument(f"unsupported layer media type {q(media_type)}")
     return compression
 
 

@@ -35,10 +35,9 @@ from typing import Protocol
 import httpx
 import structlog
 
-from runtimed import __version__, digests
+from runtimed import __version__, digests, mediatypes
 from runtimed.errors import FailedPrecondition, InvalidArgument, OutOfRange, q
 from runtimed.reference import Reference, parse
-from runtimed.remotes import mediatypes
 from runtimed.remotes.auth import Authorizer, CredentialProvider
 from runtimed.remotes.http import read_error_body, status_error, transport_error
 from runtimed.types import Descriptor

@@ -44,13 +44,14 @@ from fixtures.images import (
 )
 from fixtures.servers import ErrorServer, HangingServer
 
+from runtimed import mediatypes
 from runtimed.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 from runtimed.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from runtimed.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from runtimed.cli.output import human_size
 from runtimed.cli.progress import PULL_WORDS, ProgressView
 from runtimed.images.manifest import chain_ids
-from runtimed.remotes import RegistryClient, mediatypes, static_credentials
+from runtimed.remotes import RegistryClient, static_credentials
 from runtimed.wire import NAMESPACE_KEY
 
 pytestmark = pytest.mark.root

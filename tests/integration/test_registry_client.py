@@ -28,6 +28,7 @@ from fixtures.images import (
 from fixtures.registry import Registry, free_port
 from fixtures.servers import ErrorServer, FullBacklogServer, HangingServer, RedirectServer, StaticServer
 
+from runtimed import mediatypes
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from runtimed.reference import parse
 from runtimed.remotes import (
@@ -35,7 +36,6 @@ from runtimed.remotes import (
     PushResult,
     RegistryClient,
     file_source,
-    mediatypes,
     new_digester,
     parse_challenges,
     static_credentials,
