@@ -33,7 +33,7 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -43,6 +43,7 @@ from plugins.snapshotters import fsutil, store
 from plugins.snapshotters.store import MetaStore, Record
 from plugins.snapshotters.types import Info, Kind, Usage
 from runtimed import filters, identifiers, labels
+from runtimed.aio import finish_despite_cancel
 from runtimed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from runtimed.types import Mount, now_ns
 
@@ -122,27 +123,6 @@ def adaptor(info: Info) -> filters.Adaptor:
         info.labels,
         always_present=("kind", "name", "parent"),
     )
-
-
-async def _finish(awaitable: Awaitable[T]) -> T:
-    """Await a store transaction to its end even if the caller is cancelled meanwhile.
-
-    The transaction runs on the store's thread whatever happens to the caller; waiting for it
-    keeps the caller's clean-up from undoing a change that was in fact committed.
-    """
-    task = asyncio.ensure_future(awaitable)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
 
 
 def _validate_key(key: str, what: str = "key") -> str:
@@ -327,9 +307,9 @@ class LocalSnapshotter(Snapshotter):
         try:
             await asyncio.to_thread(staging.mkdir, 0o700)
             await self._populate(staging, kind, parents)
-            snapshot_id = await _finish(self._meta.write(insert))
+            snapshot_id = await finish_despite_cancel(self._meta.write(insert))
         except BaseException:
-            await _finish(asyncio.to_thread(_discard, staging))
+            await finish_despite_cancel(asyncio.to_thread(_discard, staging))
             raise
         finally:
             self._staging.discard(staging.name)
@@ -377,7 +357,7 @@ class LocalSnapshotter(Snapshotter):
                 ),
             )
 
-        await _finish(self._meta.write(update))
+        await finish_despite_cancel(self._meta.write(update))
         self._log.debug("snapshot committed", namespace=namespace, key=key, name=name, id=record.id)
 
     async def remove(self, namespace: str, key: str) -> None:
@@ -390,11 +370,11 @@ class LocalSnapshotter(Snapshotter):
             conn.execute("DELETE FROM snapshots WHERE id = ?", (record.id,))
             return record.id
 
-        snapshot_id = await _finish(self._meta.write(delete))
+        snapshot_id = await finish_despite_cancel(self._meta.write(delete))
         self._log.debug("snapshot removed", namespace=namespace, key=key, id=snapshot_id)
         # The row is gone for good; a directory this fails to remove is an orphan for cleanup().
         try:
-            await _finish(asyncio.to_thread(_discard, self.snapshot_dir(snapshot_id)))
+            await finish_despite_cancel(asyncio.to_thread(_discard, self.snapshot_dir(snapshot_id)))
         except OSError as exc:
             self._log.warning("snapshot directory left for cleanup", id=snapshot_id, error=str(exc))
 
@@ -420,7 +400,7 @@ class LocalSnapshotter(Snapshotter):
             record.info.updated_at = stamp
             return record.info
 
-        return await _finish(self._meta.write(write))
+        return await finish_despite_cancel(self._meta.write(write))
 
     async def cleanup(self) -> None:
         async with self._cleanup_lock:
@@ -453,7 +433,7 @@ class LocalSnapshotter(Snapshotter):
             doomed = await self._meta.read(claim)
             for path in doomed:
                 try:
-                    await _finish(asyncio.to_thread(_discard, path))
+                    await finish_despite_cancel(asyncio.to_thread(_discard, path))
                     self._log.info("reclaimed snapshot directory", path=str(path))
                 except OSError as exc:
                     self._log.warning("cannot reclaim snapshot directory", path=str(path), error=str(exc))

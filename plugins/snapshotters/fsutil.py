@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 from plugins.snapshotters.types import Usage
+from runtimed.storage import fsync_dir  # noqa: F401 - the snapshotters call fsutil.fsync_dir
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 
@@ -81,11 +82,3 @@ def remove_tree(path: Path) -> None:
     if mounted:
         raise OSError(f"{path} still has mounts inside it: {', '.join(sorted(mounted))}")
     shutil.rmtree(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

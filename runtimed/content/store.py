@@ -56,6 +56,7 @@ from runtimed.errors import (
 from runtimed.events.exchange import Exchange
 from runtimed.metadata import namespaces
 from runtimed.metadata.db import Database
+from runtimed.storage import fsync_dir
 from runtimed.types import now_ns
 
 log = structlog.get_logger("runtimed.content")
@@ -94,14 +95,6 @@ def _validate_ref(ref: str) -> str:
     if len(ref) > MAX_REF_LENGTH:
         raise InvalidArgument(f"ref {q(ref[:64])}... greater than maximum length ({MAX_REF_LENGTH})")
     return ref
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _get(conn: sqlite3.Connection, namespace: str, digest: str) -> ContentInfo:
@@ -414,7 +407,7 @@ class ContentStore:
             # was fsynced by the writer; the rename is made durable before the row commits.
             os.rename(source, target)
             target.chmod(0o444)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         return False
 
 

@@ -33,13 +33,14 @@ import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, Awaitable, Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
 
 from runtimed import digests
+from runtimed.aio import finish_despite_cancel
 from runtimed.content import Writer
 from runtimed.errors import AlreadyExists, InvalidArgument, NotFound, RuntimedError, Unavailable, q
 from runtimed.images import archive
@@ -62,6 +63,7 @@ from runtimed.images.manifest import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     OCI_INDEX,
+    load_json_object,
     parse_config,
     parse_index,
     parse_manifest,
@@ -132,23 +134,6 @@ def gc_labels(children: Sequence[Descriptor]) -> dict[str, str]:
 def default_base_name() -> str:
     """What ctr names tag-only images without --base-name: "import-<date>"."""
     return "import-" + time.strftime("%Y-%m-%d")
-
-
-async def finish_despite_cancel(awaitable: Awaitable[T]) -> T:
-    """Run clean-up to its end even when the caller is cancelled meanwhile, then re-raise that."""
-    task = asyncio.ensure_future(awaitable)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
 
 
 @dataclass
@@ -389,7 +374,7 @@ class _Import:
 
     def _oci_root(self) -> tuple[Descriptor, bytes, str]:
         assert self.layout is not None
-        layout = _json_object(self.layout, f"archive entry {q(OCI_LAYOUT_FILE)}")
+        layout = load_json_object(self.layout, f"archive entry {q(OCI_LAYOUT_FILE)}")
         version = layout.get("imageLayoutVersion")
         if version != OCI_LAYOUT_VERSION:
             raise InvalidArgument(
@@ -492,7 +477,7 @@ class _Import:
         data = await self.service.read_document(
             self.namespace, Descriptor(DOCKER_CONFIG, config.digest, config.size), what
         )
-        document = _json_object(data, what)
+        document = load_json_object(data, what)
         values = {}
         for key in ("os", "architecture"):
             value = document.get(key, "")
@@ -691,16 +676,6 @@ def _mismatch(member: Member, digest: str) -> InvalidArgument:
         f"archive entry {q(member.raw_name)}: content digest {digest} does not match the digest "
         "the entry is named by (corrupt archive)"
     )
-
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise InvalidArgument(f"{what} must be a JSON object")
-    return document
 
 
 def _docker_entries(data: bytes) -> list[_DockerEntry]:

@@ -52,7 +52,7 @@ class ImageConfig:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-def _load(data: bytes, what: str) -> dict[str, Any]:
+def load_json_object(data: bytes, what: str) -> dict[str, Any]:
     if len(data) > MAX_DOCUMENT_SIZE:
         raise InvalidArgument(f"{what}: {len(data)} bytes is larger than a manifest may be")
     try:
@@ -101,7 +101,7 @@ def parse_descriptor(value: Any, what: str) -> Descriptor:
 
 def media_type_of(data: bytes, what: str) -> str:
     """The mediaType a document declares, or its shape's type when it declares none."""
-    document = _load(data, what)
+    document = load_json_object(data, what)
     declared = document.get("mediaType")
     if isinstance(declared, str) and declared:
         return declared
@@ -113,7 +113,7 @@ def media_type_of(data: bytes, what: str) -> str:
 
 
 def parse_index(data: bytes, what: str = "index") -> list[Descriptor]:
-    document = _load(data, what)
+    document = load_json_object(data, what)
     manifests = document.get("manifests")
     if not isinstance(manifests, list):
         raise InvalidArgument(f"{what}: manifests must be a list")
@@ -121,7 +121,7 @@ def parse_index(data: bytes, what: str = "index") -> list[Descriptor]:
 
 
 def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
-    document = _load(data, what)
+    document = load_json_object(data, what)
     if document.get("schemaVersion") != 2:
         raise InvalidArgument(f"{what}: schemaVersion must be 2 (schema 1 manifests are not supported)")
     layers = document.get("layers")
@@ -135,7 +135,7 @@ def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
 
 
 def parse_config(data: bytes, what: str = "image config") -> ImageConfig:
-    document = _load(data, what)
+    document = load_json_object(data, what)
     rootfs = document.get("rootfs")
     if not isinstance(rootfs, dict) or rootfs.get("type") != "layers":
         raise InvalidArgument(f'{what}: rootfs.type must be "layers"')

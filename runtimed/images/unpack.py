@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import structlog
 
 from plugins.snapshotters.base import TARGET_LABEL, Kind
-from plugins.snapshotters.base import _finish as finish_despite_cancel
+from runtimed.aio import finish_despite_cancel
 from runtimed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RuntimedError, q
 from runtimed.images.manifest import (
     INDEX_TYPES,
