@@ -515,7 +515,9 @@ class _Extractor:
         def link(pfd: int) -> None:
             os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
 
-        self._create(parent, base, link)
+        pfd = self._create(parent, base, link)
+        # Like containerd, the link entry's own owner, mode and times land on the shared inode.
+        self._finish_node(pfd, base, entry, chmod=not stat.S_ISLNK(st.st_mode))
 
     def _device(self, entry: TarEntry, parent: str, base: str) -> None:
         whiteout = entry.kind == tarstream.CHR and entry.devmajor == 0 and entry.devminor == 0

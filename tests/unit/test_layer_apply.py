@@ -54,6 +54,7 @@ class Layer:
     def __init__(self, fmt: int = tarfile.PAX_FORMAT) -> None:
         self.buf = io.BytesIO()
         self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt)  # noqa: SIM115 - closed by bytes()
+        self.meta: dict[str, tuple[int, int, int, int]] = {}  # name -> (mode, uid, gid, mtime)
 
     def _info(self, name: str, type_: bytes, mode: int, uid: int, gid: int, mtime: int) -> tarfile.TarInfo:
         info = tarfile.TarInfo(name)
@@ -61,6 +62,7 @@ class Layer:
         info.mode = mode
         info.uid, info.gid = uid, gid
         info.mtime = mtime
+        self.meta[name] = (mode, uid, gid, mtime)
         return info
 
     def file(self, name, data=b"", mode=0o644, uid=0, gid=0, mtime=MTIME, xattrs=None) -> Layer:
@@ -84,8 +86,11 @@ class Layer:
         self.tar.addfile(info)
         return self
 
-    def hardlink(self, name, target) -> Layer:
-        info = self._info(name, tarfile.LNKTYPE, 0o644, 0, 0, MTIME)
+    def hardlink(self, name, target, mode=None, uid=None, gid=None, mtime=None) -> Layer:
+        # Real tar writers repeat the inode's metadata in a link entry; apply sets it on the inode.
+        known = self.meta.get(target, (0o644, 0, 0, MTIME))
+        values = [v if v is not None else k for v, k in zip((mode, uid, gid, mtime), known, strict=True)]
+        info = self._info(name, tarfile.LNKTYPE, *values)
         info.linkname = target
         self.tar.addfile(info)
         return self
@@ -681,3 +686,32 @@ async def test_walking_differ_plugin(target):
     assert applied.descriptor().digest == sha256(raw)
     with pytest.raises(InvalidArgument, match="unsupported layer media type"):
         await WalkingDiffer().apply(io.BytesIO(raw), "text/plain", bind(target))
+
+
+def test_hardlink_entry_metadata_lands_on_the_shared_inode(tmp_path):
+    """containerd applies a link entry's owner, mode and mtime to the inode it links to."""
+    import io
+    import tarfile
+
+    from runtimed.diff import apply_layer
+    from runtimed.types import Mount
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        original = tarfile.TarInfo("bin/tool")
+        original.size, original.mode, original.mtime = 4, 0o755, 1_600_000_000
+        tar.addfile(original, io.BytesIO(b"tool"))
+        link = tarfile.TarInfo("bin/alias")
+        link.type, link.linkname = tarfile.LNKTYPE, "bin/tool"
+        link.mode, link.mtime, link.uid, link.gid = 0o644, 1_700_000_000, 1234, 5678
+        tar.addfile(link)
+    target = tmp_path / "fs"
+    target.mkdir()
+    apply_layer(
+        io.BytesIO(buf.getvalue()),
+        "application/vnd.oci.image.layer.v1.tar",
+        [Mount(type="bind", source=str(target), options=["rw", "rbind"])],
+    )
+    st = (target / "bin" / "tool").stat()
+    assert st.st_ino == (target / "bin" / "alias").stat().st_ino
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid, int(st.st_mtime)) == (0o644, 1234, 5678, 1_700_000_000)
