@@ -26,6 +26,9 @@ BUILTIN_MODULES = (
     "runtimed.services.diff",
     "runtimed.images.service",
     "runtimed.services.transfer",
+    "plugins.runtimes.runc",
+    "runtimed.tasks.manager",  # after every other plugin (requires "*")
+    "runtimed.services.tasks",
 )
 
 

@@ -27,7 +27,18 @@ from runtimed.cli.common import (
     report,
 )
 
-COMMAND_MODULES = ("version", "namespaces", "plugins", "containers", "images", "pull", "push", "archive")
+COMMAND_MODULES = (
+    "version",
+    "namespaces",
+    "plugins",
+    "containers",
+    "images",
+    "pull",
+    "push",
+    "archive",
+    "run",
+    "tasks",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

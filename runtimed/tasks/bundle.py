@@ -1,0 +1,173 @@
+"""A task's directory (its OCI bundle) under <state>/io.containerd.runtime.v2.task/<ns>/<id>/.
+
+    config.json   the OCI spec (the container's spec; root.path "rootfs" when mounts are given)
+    task.json     the daemon's record: runtime, backend, options, stdio, rootfs; written last at
+                  create, removed first at delete, so a directory without it is debris
+    rootfs/       the mount point of the task's rootfs mounts
+    shim.json     the shim process's record (address, pid), written by the shim
+    shim.log      the shim process's log
+    dead.json     the exit settled on after the shim died, until the task is deleted
+    ...           whatever the backend keeps (runc: log.json, init.pid, exec-<id>.json/.pid)
+
+Removal never recurses into rootfs/: a rootfs that is still mounted is unmounted first, and
+removal refuses (rather than delete a snapshot's files) when it cannot be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from plugins.snapshotters import mount as mounts
+from runtimed.errors import Internal
+from runtimed.types import Mount
+
+TASK_RECORD = "task.json"
+SHIM_RECORD = "shim.json"
+DEAD_RECORD = "dead.json"
+ROOTFS = "rootfs"
+
+
+def write_json(path: Path, document: Any) -> None:
+    """Atomically (a temporary file renamed into place), without fsync: the state directory is
+    volatile by design (tmpfs; a reboot ends every task), and a killed daemon loses nothing that
+    rename alone does not already guarantee."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(document, handle)
+    os.replace(temporary, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    """Whether something is mounted on path, bind mounts from the same filesystem included
+    (os.path.ismount misses those)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as mountinfo:
+        return any(_unescape(line.split(" ", 5)[4]) == target for line in mountinfo)
+
+
+# mount(2) and umount2(2) straight from libc for the common cases (an overlay or a bind mount, as
+# the snapshotters return): a task's create and delete then spawn no mount(8)/umount(8), which
+# costs ~3 ms each. Anything else, or an overlay whose options exceed one page, goes to
+# plugins.snapshotters.mount (mount(8), with its lowerdir compaction).
+_libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC = 0x20, 0x1000, 0x4000
+MNT_DETACH = 0x2
+_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+_NO_FLAGS = {"rw", "suid", "dev", "exec"}
+
+
+def _syscall_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount {fstype} {source} on {target}: {os.strerror(errno)}")
+
+
+def _mount_directly(mount: Mount, target: str) -> bool:
+    """Mount with mount(2) if it is a plain overlay or bind mount; False to leave it to mount(8)."""
+    flags, data = 0, []
+    for option in mount.options:
+        if option in _FLAGS:
+            flags |= _FLAGS[option]
+        elif option in _NO_FLAGS:
+            continue
+        elif option in ("bind", "rbind") and mount.type == "bind":
+            flags |= MS_BIND | (MS_REC if option == "rbind" else 0)
+        elif mount.type == "overlay" and "=" in option:
+            data.append(option)
+        else:
+            return False
+    if mount.type == "bind":
+        _syscall_mount(mount.source, target, "none", flags | MS_BIND, "")
+        if flags & MS_RDONLY:  # a bind mount is made read-only by a remount
+            _syscall_mount("none", target, "none", flags | MS_BIND | MS_REMOUNT, "")
+        return True
+    if mount.type != "overlay" or len(",".join(data)) > mounts.MAX_MOUNT_DATA:
+        return False
+    _syscall_mount(mount.source or "overlay", target, "overlay", flags, ",".join(data))
+    return True
+
+
+async def mount_rootfs(rootfs: Sequence[Mount], target: str | os.PathLike[str]) -> None:
+    """Mount a task's rootfs mounts, in order, on target; undo them all if one fails."""
+    if len(rootfs) == 1:
+        try:
+            if await asyncio.to_thread(_mount_directly, rootfs[0], os.fspath(target)):
+                return
+        except OSError as exc:
+            raise mounts.MountError(str(exc)) from None
+    await mounts.mount_all(rootfs, target)
+
+
+def _unmount(target: str) -> None:
+    if _libc.umount2(target.encode(), 0) == 0:
+        return
+    errno = ctypes.get_errno()
+    if _libc.umount2(target.encode(), MNT_DETACH) != 0:  # busy: detach it
+        raise OSError(errno, f"umount {target}: {os.strerror(errno)}")
+
+
+async def unmount_all(target: str | os.PathLike[str]) -> None:
+    """Unmount everything stacked on target (lazily when busy)."""
+    path = os.fspath(target)
+    for _ in range(32):
+        if not await asyncio.to_thread(is_mounted, path):
+            return
+        try:
+            await asyncio.to_thread(_unmount, path)
+        except OSError as exc:
+            raise Internal(str(exc)) from None
+    raise Internal(f"umount of {path}: still mounted after 32 unmounts")
+
+
+async def remove(bundle: Path) -> None:
+    """Remove a task's directory; its rootfs is unmounted first and only ever rmdir'ed."""
+    rootfs = bundle / ROOTFS
+    if rootfs.exists():
+        await unmount_all(rootfs)
+        if await asyncio.to_thread(is_mounted, rootfs):
+            raise Internal(f"rootfs {rootfs} is still mounted; not removing task directory {bundle}")
+
+    def remove_files() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (bundle / TASK_RECORD).unlink()  # first: from here on the directory is debris
+        for entry in list(os.scandir(bundle)) if bundle.exists() else []:
+            path = Path(entry.path)
+            if entry.name == ROOTFS and entry.is_dir(follow_symlinks=False):
+                path.rmdir()  # never rmtree: if it is not empty, something is wrong
+            elif entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            bundle.rmdir()
+        with contextlib.suppress(OSError):
+            bundle.parent.rmdir()  # the namespace directory, when it was the last task
+
+    await asyncio.to_thread(remove_files)
