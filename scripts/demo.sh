@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a fresh Debian 12 machine, as root: install everything, start runtimed on its
-# defaults (socket /run/runtimed/runtimed.sock, root /var/lib/runtimed, state /run/runtimed) and
-# drive it with runtimectl. No configuration and no internet needed. The daemon keeps running
-# afterwards; stop it with: kill "$(cat /run/runtimed/runtimed.pid)"
+# defaults (socket /run/runtimed/runtimed.sock, root /var/lib/runtimed, state /run/runtimed),
+# build a busybox image from Debian's busybox-static (no internet needed), import it and run
+# containers from it with runtimectl. The daemon keeps running afterwards; stop it with:
+#   kill "$(cat /run/runtimed/runtimed.pid)"
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,9 +39,21 @@ fi
 run() { printf '\n$ runtimectl %s\n' "$*"; "${RUNTIMECTL[@]}" "$@"; }
 run version
 run plugins ls
-run namespace create demo team=runtimed
-run namespace ls
-run -n demo containers ls
-run namespace rm demo
+
+# A busybox image built locally from /bin/busybox (bench/'s generator, cached in bench/.cache).
+ARCHIVE=$(.venv/bin/python -c 'from pathlib import Path; from bench.images import ensure_image
+print(ensure_image("small", Path("bench/.cache"), log=lambda *_: None).archive)')
+run import "$ARCHIVE"
+run tag bench.local/runtimed/busybox:v1 busybox:local
+run images
+
+run run --rm busybox:local demo-hello echo "hello from a runtimed container"
+run run -d busybox:local demo-sleeper sleep 300
+run tasks ls
+run tasks exec --exec-id e1 demo-sleeper ls /
+run tasks kill -s SIGKILL demo-sleeper
+sleep 0.5
+run tasks rm demo-sleeper
+run containers rm demo-sleeper
 echo
 echo "[demo] runtimed is running (pid $(cat "$PIDFILE" 2>/dev/null || echo '?')); stop it with: kill \"\$(cat $PIDFILE)\""

@@ -118,9 +118,10 @@ def log_dir(ctx: Context) -> str:
 def create_container(ctx: Context, services: Services, args: argparse.Namespace) -> None:
     from google.protobuf import any_pb2
 
+    from runtimed.cli.images import find_image
     from runtimed.tasks import spec as specs
 
-    image = ctx.client.image(args.image)
+    image = find_image(ctx, args.image)
     config, chain = image_config(services, image)
     snapshotter = args.snapshotter or default_snapshotter(ctx)
     try:
