@@ -39,6 +39,7 @@ from runtimed.errors import (
 )
 from runtimed.plugin import InitContext, PluginType, Registration
 from runtimed.tasks import bundle as bundles
+from runtimed.tasks.oom import OomWatch
 from runtimed.tasks.runtime import Runtime, TaskContext
 from runtimed.types import AnyValue
 from runtimed.types import Mount as CoreMount
@@ -58,11 +59,13 @@ SHIM_TIMEOUT = 30.0  # a shim call that is not a wait: a hung shim must not hang
 
 def _classify(message: str) -> type[RuntimedError]:
     lowered = message.lower()
-    if "does not exist" in lowered or "no such process" in lowered:
+    if any(s in lowered for s in ("does not exist", "no such process", "executable file not found")):
         return NotFound
     if any(s in lowered for s in ("not running", "is stopped", "is paused", "already", "cannot")):
         return FailedPrecondition
-    return Internal
+    # Anything else runc refused is the workload's problem, not a runtimed bug: UNKNOWN, as
+    # containerd reports it, rather than INTERNAL.
+    return RuntimedError
 
 
 class Runc:
@@ -135,6 +138,7 @@ class RuncTask(Shim):
         )
         self.init = Process(self.id, "", api.Stdio())
         self.execs: dict[str, Process] = {}
+        self.oom: OomWatch | None = None  # while the container runs: its memory cgroup's OOM kills
         self.log = log.bind(namespace=context.namespace, container=self.id)
 
     @property
@@ -202,6 +206,7 @@ class RuncTask(Shim):
             await self.runc.run("start", self.id)
             if process.status == Status.CREATED:
                 process.status = Status.RUNNING
+            self._watch_oom()
             return process.pid
         if self.init.status != Status.RUNNING:
             raise FailedPrecondition(f"cannot exec in a {self.init.status} container")
@@ -243,6 +248,20 @@ class RuncTask(Shim):
         spec = dict(request.spec)
         spec["terminal"] = request.stdio.terminal
         self.execs[request.exec_id] = Process(self.id, request.exec_id, request.stdio, spec)
+
+    def _watch_oom(self) -> None:
+        if self.oom is None and self.init.pid and not self.init.exited:
+            try:
+                self.oom = OomWatch.start(self.init.pid, self.context.on_oom)
+            except OSError as exc:
+                self.log.warning("cannot watch the container for OOM kills", error=str(exc))
+
+    def _unwatch_oom(self) -> None:
+        """Report an OOM kill not yet seen, then stop watching (the cgroup is about to go)."""
+        if self.oom is not None:
+            self.oom.check()
+            self.oom.stop()
+            self.oom = None
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -328,6 +347,8 @@ class RuncTask(Shim):
         process = self.init if not event.exec_id else self.execs.get(event.exec_id)
         if process is None or process.exit_reported:
             return False
+        if process is self.init and self.oom is not None:
+            self.oom.check()  # an OOM that killed the init is reported before its exit
         process.set_exited(event.exit_status, event.exited_at)
         process.exit_reported = True
         return True
@@ -350,6 +371,7 @@ class RuncTask(Shim):
             raise FailedPrecondition(
                 f"container {q(self.id)} has running exec processes: {', '.join(running)}"
             )
+        self._unwatch_oom()
         with contextlib.suppress(NotFound):
             await self.runc.run("delete", "--force", self.id)
         key = api.ProcessKey(container_id=self.id)
@@ -392,6 +414,8 @@ class RuncTask(Shim):
                 state = json.loads(await self.runc.run("state", self.id))
                 if state.get("status") in (Status.CREATED, Status.PAUSED):
                     self.init.status = state["status"]
+        if self.init.status in (Status.RUNNING, Status.PAUSED):
+            self._watch_oom()
         return [self.init.state(), *(p.state() for p in self.execs.values())]
 
     async def cleanup(self) -> ExitInfo:
@@ -400,6 +424,7 @@ class RuncTask(Shim):
             with contextlib.suppress(OSError, ValueError):
                 pid = int((self.bundle / "init.pid").read_text().strip())
         exit_status = 255  # the status was the dead shim's to collect: it is lost
+        self._unwatch_oom()
         try:
             state = json.loads(await self.runc.run("state", self.id))
         except (RuntimedError, ValueError):
