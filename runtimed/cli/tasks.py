@@ -21,6 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import Message
+
+from runtimed.api.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1
+from runtimed.api.containerd.cgroups.v2 import metrics_pb2 as cgroups_v2
 from runtimed.cli.common import CLIError, Context, for_each, group
 from runtimed.cli.output import add_format_options, print_json, render
 from runtimed.wire import NAMESPACE_KEY
@@ -388,6 +392,25 @@ def resume_tasks(ctx: Context, args: argparse.Namespace) -> int:
     return for_each(ctx, args.ids, lambda i: stubs.call("Resume", stubs.pb.ResumeTaskRequest(container_id=i)))
 
 
+CGROUP_METRICS: dict[str, type[Message]] = {
+    "io.containerd.cgroups.v1.Metrics": cgroups_v1.Metrics,
+    "io.containerd.cgroups.v2.Metrics": cgroups_v2.Metrics,
+}
+
+
+def _plain_message(message: Message) -> dict[str, Any]:
+    """The fields a message has set, with numbers as JSON numbers (not proto3 JSON's strings)."""
+    plain: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        if isinstance(value, Message):
+            plain[field.name] = _plain_message(value)
+        elif isinstance(value, (str, bytes, int, float, bool)):
+            plain[field.name] = value
+        else:  # repeated
+            plain[field.name] = [_plain_message(v) if isinstance(v, Message) else v for v in value]
+    return plain
+
+
 def task_metrics(ctx: Context, args: argparse.Namespace) -> None:
     stubs = Stubs(ctx)
     filters = [f"id=={i}" for i in args.ids]
@@ -397,10 +420,14 @@ def task_metrics(ctx: Context, args: argparse.Namespace) -> None:
     documents = []
     for metric in metrics:
         data: Any
-        try:
-            data = json.loads(metric.data.value)
-        except ValueError:
-            data = {"type_url": metric.data.type_url, "size": len(metric.data.value)}
+        message = CGROUP_METRICS.get(metric.data.type_url)
+        if message is not None:
+            data = _plain_message(message.FromString(metric.data.value))
+        else:
+            try:
+                data = json.loads(metric.data.value)
+            except ValueError:
+                data = {"type_url": metric.data.type_url, "size": len(metric.data.value)}
         documents.append({"id": metric.id, "type": metric.data.type_url, "data": data})
     print_json(documents)
 

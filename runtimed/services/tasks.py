@@ -24,6 +24,7 @@ from runtimed.server.interceptors import current_namespace
 from runtimed.services.base import grpc_plugin
 from runtimed.services.convert import any_to_core, timestamp
 from runtimed.tasks.manager import TASK_MANAGER_TYPE, TaskManager
+from runtimed.tasks.metrics import runc_to_any
 from runtimed.types import Mount
 from shim.api import ExitInfo, ProcessState, Status, Stdio
 
@@ -165,7 +166,9 @@ class TasksServicer(pb_grpc.TasksServicer):
         now = time.time_ns()
         metrics = []
         for task, stats in found:
-            data = any_pb2.Any(type_url=METRICS_TYPE_PREFIX + stats.type, value=_json(stats.data))
+            data = runc_to_any(stats.type, stats.data)
+            if data is None:  # a backend's own document: JSON, typed by the backend
+                data = any_pb2.Any(type_url=METRICS_TYPE_PREFIX + stats.type, value=_json(stats.data))
             metrics.append(metrics_pb2.Metric(timestamp=timestamp(now), id=task.id, data=data))
         return pb.MetricsResponse(metrics=metrics)
 

@@ -7,7 +7,9 @@ container's runtime name.
 
 Events, with containerd's messages and its order per process (create -> start -> exit ->
 delete; exec-added -> exec-started -> exit): /tasks/create, /tasks/start, /tasks/exit,
-/tasks/delete, /tasks/exec-added, /tasks/exec-started, /tasks/paused, /tasks/resumed. A start
+/tasks/delete, /tasks/exec-added, /tasks/exec-started, /tasks/paused, /tasks/resumed, and
+/tasks/oom, which a backend reports through its TaskContext.on_oom (before the exit of an init
+process the OOM killed). A start
 holds its process's lifecycle lock until /tasks/start is out, and an exit waits for that lock,
 so a process that dies at once is never reported exited before it is reported started.
 
@@ -191,6 +193,13 @@ class TaskManager:
         log.debug("process exited", namespace=task.namespace, container=task.id, exec_id=event.exec_id,
                   exit_status=event.exit_status)  # fmt: skip
 
+    def _oom_reporter(self, namespace: str, container_id: str) -> Callable[[], None]:
+        def report() -> None:
+            log.info("container OOM-killed a process", namespace=namespace, container=container_id)
+            self._publish(namespace, "/tasks/oom", events_pb2.TaskOOM(container_id=container_id))
+
+        return report
+
     def _exit_event(self, task: Task, exec_id: str, info: ExitInfo) -> api.Event:
         return api.Event(
             topic="exit",
@@ -302,9 +311,15 @@ class TaskManager:
                 }
             )
             client = ShimClient(address, f"{namespace}/{container_id}")
-            shim = runtime.new_task(
-                TaskContext(namespace, container_id, runtime_name, bundle, client), decoded
+            context = TaskContext(
+                namespace,
+                container_id,
+                runtime_name,
+                bundle,
+                client,
+                self._oom_reporter(namespace, container_id),
             )
+            shim = runtime.new_task(context, decoded)
             task = Task(namespace, container_id, runtime_name, bundle, shim, client, stdio, list(rootfs))
             self._connect_handlers(task)
             await client.connect()
@@ -602,9 +617,10 @@ class TaskManager:
             return
         runtime_name, runtime = self.runtimes.resolve(record["runtime"])
         stdio = Stdio.from_wire(record.get("stdio") or {})
-        shim = runtime.new_task(
-            TaskContext(namespace, container_id, runtime_name, bundle, client), record.get("options") or {}
+        context = TaskContext(
+            namespace, container_id, runtime_name, bundle, client, self._oom_reporter(namespace, container_id)
         )
+        shim = runtime.new_task(context, record.get("options") or {})
         task = Task(
             namespace,
             container_id,

@@ -10,8 +10,8 @@ reason instead of a bare "not found".
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class TaskContext:
     runtime: str  # the name the container asked for
     bundle: Path
     shim: ShimClient  # the shim process that supervises this task's processes
+    # Called by the backend when the kernel OOM-killed a process of the container (/tasks/oom).
+    on_oom: Callable[[], None] = field(default=lambda: None)
 
 
 class Runtime(abc.ABC):

@@ -26,6 +26,8 @@ from fixtures.tasks import (
     unique_namespace,
 )
 
+from runtimed.api.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1
+from runtimed.api.containerd.cgroups.v2 import metrics_pb2 as cgroups_v2
 from runtimed.api.containerd.events import task_pb2 as events_pb2
 from runtimed.api.containerd.runc.options import oci_pb2
 from runtimed.api.containerd.services.tasks.v1 import tasks_pb2
@@ -242,8 +244,15 @@ def test_pause_resume_update_metrics(rig):
     )
     metrics = rig.tasks.Metrics(tasks_pb2.MetricsRequest(filters=["id==p1"]), metadata=rig.md).metrics
     assert [m.id for m in metrics] == ["p1"]
-    data = json.loads(metrics[0].data.value)
-    assert data["pids"]["limit"] == 64 and data["pids"]["current"] >= 1
+    assert metrics[0].data.type_url in (
+        "io.containerd.cgroups.v1.Metrics",
+        "io.containerd.cgroups.v2.Metrics",
+    )
+    data = (cgroups_v1 if metrics[0].data.type_url.endswith("v1.Metrics") else cgroups_v2).Metrics.FromString(
+        metrics[0].data.value
+    )
+    assert data.pids.limit == 64 and data.pids.current >= 1
+    assert data.memory.usage  # bytes in use: v1 MemoryEntry usage, v2 a number
     assert rig.tasks.Metrics(tasks_pb2.MetricsRequest(filters=["id==nope"]), metadata=rig.md).metrics == []
 
     rig.kill("p1", signal.SIGKILL)

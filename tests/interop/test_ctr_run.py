@@ -6,6 +6,7 @@ its cgroups are /sys/fs/cgroup/*/<namespace>/..., and leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -187,3 +188,32 @@ def test_bad_runs_fail_cleanly(daemon, run_ctr, namespace):
     run_ctr(daemon.address, "containers", "rm", "m2", namespace=namespace, check=False)
     assert not list((daemon.state / TASK_STATE).glob(f"{namespace}/*"))
     assert not mounts_under(Path(daemon.state))
+
+
+def test_tasks_metrics_decodes_cgroup_metrics(daemon, run_ctr, namespace):
+    ctr = lambda *args, **kw: run_ctr(daemon.address, *args, namespace=namespace, **kw)  # noqa: E731
+    ctr("run", "-d", "--memory-limit", str(64 * 1024 * 1024), IMAGE, "m1", "sleep", "300")
+    try:
+        table = ctr("tasks", "metrics", "m1").stdout
+        assert table.splitlines()[0].split() == ["ID", "TIMESTAMP"]
+        assert "m1" in table.splitlines()[1]
+        # ctr prints the cgroup table only when it could decode the v1 or v2 Metrics.
+        assert "METRIC" in table and "VALUE" in table, table
+        assert "memory.usage_in_bytes" in table or "memory.usage" in table, table
+        assert "pids.current" in table, table
+        document = json.loads(ctr("tasks", "metrics", "--format", "json", "m1").stdout)
+        memory = document["memory"]
+        limit = (
+            memory["usage"]["limit"]
+            if "usage" in memory and isinstance(memory["usage"], dict)
+            else memory["usage_limit"]
+        )
+        assert limit == 64 * 1024 * 1024
+        assert document["pids"]["current"] >= 1
+    finally:
+        ctr("tasks", "kill", "-s", "SIGKILL", "m1")
+        deadline = time.monotonic() + 10
+        while "STOPPED" not in ctr("tasks", "ls").stdout and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ctr("tasks", "delete", "m1")
+        ctr("containers", "rm", "m1")
