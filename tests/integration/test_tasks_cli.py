@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fixtures.archives import oci_archive
 from fixtures.images import busybox_image
-from fixtures.tasks import TASK_STATE, mounts_under, reap_leftovers, unique_namespace
+from fixtures.tasks import TASK_STATE, mounts_under, reap_leftovers, shell_on_a_terminal, unique_namespace
 
 pytestmark = [
     pytest.mark.root,
@@ -138,39 +138,9 @@ def test_kill_uses_the_stop_signal_and_bad_input_exits_125(rtctl):
 
 
 def test_run_with_a_terminal(rtctl, daemon):
-    import pty
-    import select
-
-    command = [sys.executable, "-m", "runtimed.cli.main", "-a", daemon.address, "-n", rtctl.namespace]
-    command += ["run", "-t", "--rm", IMAGE, "t1", "sh"]
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: runtimectl on a terminal
-        os.chdir(REPO_ROOT)
-        os.execv(sys.executable, command)
-    output = b""
-
-    def pump(seconds: float, until: bytes = b"") -> None:
-        nonlocal output
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not (until and until in output):
-            if select.select([fd], [], [], 0.1)[0]:
-                try:
-                    data = os.read(fd, 4096)
-                except OSError:
-                    return
-                if not data:
-                    return
-                output += data
-
-    try:
-        pump(20, b"# ")
-        os.write(fd, b"tty; echo sum=$((40+2))\r")
-        pump(5, b"sum=42")
-        os.write(fd, b"exit 7\r")
-        pump(5)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(fd)
+    argv = [sys.executable, "-m", "runtimed.cli.main", "-a", daemon.address, "-n", rtctl.namespace]
+    argv += ["run", "-t", "--rm", IMAGE, "t1", "sh"]
+    output, status = shell_on_a_terminal(argv, cwd=str(REPO_ROOT))
     assert b"/dev/pts/0" in output and b"sum=42" in output, output
-    assert os.waitstatus_to_exitcode(status) == 7
+    assert status == 7
     assert rtctl("containers", "ls", "-q").stdout == ""

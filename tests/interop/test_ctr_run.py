@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import signal
 import subprocess
 import time
@@ -19,7 +17,14 @@ from pathlib import Path
 import pytest
 from fixtures.archives import oci_archive
 from fixtures.images import busybox_image
-from fixtures.tasks import TASK_STATE, mounts_under, reap_leftovers, shim_processes, unique_namespace
+from fixtures.tasks import (
+    TASK_STATE,
+    mounts_under,
+    reap_leftovers,
+    shell_on_a_terminal,
+    shim_processes,
+    unique_namespace,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -125,39 +130,10 @@ def test_ctr_events_sees_the_task_events(daemon, run_ctr, ctr_bin, namespace):
 
 
 def test_run_with_a_terminal(daemon, ctr_bin, namespace):
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: ctr, on a terminal
-        os.execvp(
-            ctr_bin,
-            [ctr_bin, "--address", daemon.address, "-n", namespace, "run", "-t", "--rm", IMAGE, "t1", "sh"],
-        )
-    output = b""
-
-    def pump(seconds: float, until: bytes = b"") -> None:
-        nonlocal output
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not (until and until in output):
-            ready, _, _ = select.select([fd], [], [], 0.1)
-            if ready:
-                try:
-                    data = os.read(fd, 4096)
-                except OSError:
-                    return
-                if not data:
-                    return
-                output += data
-
-    try:
-        pump(10, b"# ")
-        os.write(fd, b"tty; echo sum=$((40+2))\r")
-        pump(5, b"sum=42")
-        os.write(fd, b"exit 7\r")
-        pump(5)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(fd)
+    argv = [ctr_bin, "--address", daemon.address, "-n", namespace, "run", "-t", "--rm", IMAGE, "t1", "sh"]
+    output, status = shell_on_a_terminal(argv)
     assert b"/dev/pts/0" in output and b"sum=42" in output, output
-    assert os.waitstatus_to_exitcode(status) == 7
+    assert status == 7
 
 
 def test_bad_runs_fail_cleanly(daemon, run_ctr, namespace):
