@@ -8,8 +8,10 @@ On a terminal: one line per blob, redrawn in place as docker does
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any, TextIO
 
+from runtimed.cli.common import CLIError
 from runtimed.cli.output import human_size
 
 BAR_WIDTH = 50
@@ -104,3 +106,15 @@ class ProgressView:
 
     def finish(self) -> None:
         self.out.flush()
+
+    def follow(self, stream: Iterable[Any], what: str) -> Any:
+        """Show a Transfer progress stream; return its final "done" message."""
+        done = None
+        for progress in stream:
+            self.update(progress)
+            if progress.event == "done":
+                done = progress
+        self.finish()
+        if done is None:
+            raise CLIError(f"{what} ended without a result")
+        return done

@@ -98,15 +98,9 @@ def pull(ctx: Context, args: argparse.Namespace) -> None:
     )
     view = ProgressView(PULL_WORDS, quiet=args.quiet)
     started = time.monotonic()
-    done = None
     # No deadline: a pull takes as long as the registry needs (Ctrl-C cancels it in the daemon).
-    for progress in transfer_stub(ctx).Pull(request, metadata=[(NAMESPACE_KEY, ctx.namespace)]):
-        view.update(progress)
-        if progress.event == "done":
-            done = progress
-    view.finish()
-    if done is None:
-        raise CLIError(f"pull of {args.reference} ended without a result")
+    stream = transfer_stub(ctx).Pull(request, metadata=[(NAMESPACE_KEY, ctx.namespace)])
+    done = view.follow(stream, f"pull of {args.reference}")
     if args.quiet:
         print(done.name)
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from runtimed.cli.common import CLIError, Context
+from runtimed.cli.common import Context
 from runtimed.cli.progress import PUSH_WORDS, ProgressView
 from runtimed.cli.pull import add_registry_options, platform_messages, registry_options, transfer_stub
 from runtimed.wire import NAMESPACE_KEY
@@ -37,14 +37,8 @@ def push(ctx: Context, args: argparse.Namespace) -> None:
         registry=registry_options(args),
     )
     view = ProgressView(PUSH_WORDS, quiet=args.quiet)
-    done = None
-    for progress in transfer_stub(ctx).Push(request, metadata=[(NAMESPACE_KEY, ctx.namespace)]):
-        view.update(progress)
-        if progress.event == "done":
-            done = progress
-    view.finish()
-    if done is None:
-        raise CLIError(f"push of {args.reference} ended without a result")
+    stream = transfer_stub(ctx).Push(request, metadata=[(NAMESPACE_KEY, ctx.namespace)])
+    done = view.follow(stream, f"push of {args.reference}")
     if args.quiet:
         print(done.message)
     else:

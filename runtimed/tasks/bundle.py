@@ -27,6 +27,7 @@ from typing import Any
 
 from plugins.snapshotters import mount as mounts
 from runtimed.errors import Internal
+from runtimed.storage import write_atomic
 from runtimed.types import Mount
 
 TASK_RECORD = "task.json"
@@ -36,13 +37,9 @@ ROOTFS = "rootfs"
 
 
 def write_json(path: Path, document: Any) -> None:
-    """Atomically (a temporary file renamed into place), without fsync: the state directory is
-    volatile by design (tmpfs; a reboot ends every task), and a killed daemon loses nothing that
-    rename alone does not already guarantee."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(document, handle)
-    os.replace(temporary, path)
+    """Atomically, without fsync: the state directory is volatile by design (tmpfs; a reboot
+    ends every task), and a killed daemon loses nothing the rename does not already guard."""
+    write_atomic(path, json.dumps(document).encode(), durable=False)
 
 
 def read_json(path: Path) -> Any:
