@@ -143,6 +143,18 @@ async def unmount_all(target: str | os.PathLike[str]) -> None:
     raise Internal(f"umount of {path}: still mounted after 32 unmounts")
 
 
+def make_directory(bundle: Path) -> None:
+    """Create a task's directory; a concurrent remove() may rmdir the namespace directory under us."""
+    for _ in range(3):
+        bundle.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            bundle.mkdir(mode=0o700)
+            return
+        except FileNotFoundError:
+            continue  # the last task of the namespace was removed in between: try again
+    bundle.mkdir(mode=0o700)
+
+
 async def remove(bundle: Path) -> None:
     """Remove a task's directory; its rootfs is unmounted first and only ever rmdir'ed."""
     rootfs = bundle / ROOTFS
@@ -156,12 +168,14 @@ async def remove(bundle: Path) -> None:
             (bundle / TASK_RECORD).unlink()  # first: from here on the directory is debris
         for entry in list(os.scandir(bundle)) if bundle.exists() else []:
             path = Path(entry.path)
-            if entry.name == ROOTFS and entry.is_dir(follow_symlinks=False):
-                path.rmdir()  # never rmtree: if it is not empty, something is wrong
-            elif entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            # An exiting shim unlinks its own socket and record meanwhile: a vanished entry is fine.
+            with contextlib.suppress(FileNotFoundError):
+                if entry.name == ROOTFS and entry.is_dir(follow_symlinks=False):
+                    path.rmdir()  # never rmtree: if it is not empty, something is wrong
+                elif entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         with contextlib.suppress(FileNotFoundError):
             bundle.rmdir()
         with contextlib.suppress(OSError):

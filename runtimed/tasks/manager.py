@@ -295,7 +295,7 @@ class TaskManager:
             }
 
             def prepare() -> None:
-                bundle.mkdir(mode=0o700, parents=True)
+                bundles.make_directory(bundle)
                 bundles.write_json(bundle / "config.json", spec)
                 bundles.write_json(bundle / bundles.TASK_RECORD, record)
 
