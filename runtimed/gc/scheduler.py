@@ -8,7 +8,10 @@
   first of them, so a burst (`ctr images rm a b c`, an unpack's clean-up) costs one collection.
   `pause_threshold` bounds the share of time collections hold the metadata database: the next
   one waits at least avg_pause / pause_threshold - avg_pause after the last (containerd's rule,
-  at most 0.5). `deletion_threshold` > 0 deletions since the last collection skip that wait.
+  at most 0.5), with avg_pause counted as at least 5 ms as containerd does (minimumGCTime): at
+  the default 0.02 that is >= 245 ms, so a stream of `ctr run --rm` (a lease and a container
+  deleted per run) costs a collection every few runs, not two per run. `deletion_threshold` > 0
+  deletions since the last collection skip that wait.
 * On demand: `await scheduler.collect()` (Images.Delete and Leases.Delete with sync=true) runs a
   collection that starts after the call, as soon as the one running (if any) is done, and
   returns what it removed.
@@ -36,6 +39,9 @@ log = structlog.get_logger("runtimed.gc")
 TRIGGER_TOPICS = ("/images/delete", "/containers/delete", "/content/delete")
 MAX_PAUSE_THRESHOLD = 0.5
 MAX_RETRY_DELAY = 60.0
+# containerd's minimumGCTime: the average pause the spacing is computed from is at least this, so
+# a store whose collections are quick is not collected after every deletion.
+MINIMUM_PAUSE = 0.005
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "pause_threshold": 0.02,
@@ -216,7 +222,7 @@ class Scheduler:
         self._pause_total += stats.pause
         interval = 0.0
         if self.config.pause_threshold > 0:
-            average = self._pause_total / self._collections
+            average = max(self._pause_total / self._collections, MINIMUM_PAUSE)
             interval = average / self.config.pause_threshold - average
         self._next_allowed = time.monotonic() + interval
         log.debug("gc scheduled", reason=reason, deletions=deletions, next_in_ms=round(interval * 1000, 2))
