@@ -14,8 +14,13 @@ ends without blocking); the shim opens the other ends:
   its event loop. Linux reports no hang-up on a FIFO until a writer has come and gone, so the
   copy starts when the client writes and ends (the process reads EOF) when the client closes
   its end, or at CloseIO.
-* "file:///path": append to that file (ctr --log-uri, detached containers). "" is /dev/null
-  (ctr --null-io). Other schemes (binary://) are refused.
+* "file:///path": append to that file (ctr --log-uri): the process writes to it directly.
+  "file:///path?format=jsonl" (runtimectl's detached containers): the process writes to a pipe
+  and the shim's loop appends one JSON object per line to the file, docker json-file's records:
+  {"log": "text\n", "stream": "stdout"|"stderr", "time": "2006-01-02T15:04:05.999999999Z"};
+  stdout and stderr may name the same file. A line longer than 16 KiB is split into records
+  (the last without its newline); a last unterminated line is written at EOF.
+  "" is /dev/null (ctr --null-io). Other schemes (binary://) are refused.
 * terminal: the command (runc) sends the pty master over a console socket (SCM_RIGHTS); two
   threads copy stdin FIFO -> master and master -> stdout (only terminals cost threads);
   ResizePty is an ioctl on the master.
@@ -25,18 +30,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import stat
 import struct
 import termios
 import threading
+import time
 from urllib.parse import unquote, urlsplit
 
 from shim.api import InvalidArgument, Stdio, Unavailable
 from shim.loop import Loop
 
 COPY_BUFFER = 32 * 1024
+LOG_LINE_MAX = 16 * 1024  # docker's json-file splits longer lines into records of this size
 
 
 def _path_of(value: str) -> str:
@@ -49,6 +57,87 @@ def _path_of(value: str) -> str:
     raise InvalidArgument(
         f"stdio {value!r}: scheme {parts.scheme!r} is not supported (use a FIFO or file://)"
     )
+
+
+def _log_format(uri: str) -> str:
+    """ "jsonl" for file:///path?format=jsonl, else "" (the process writes to the file itself)."""
+    query = urlsplit(uri).query
+    for item in query.split("&") if query else ():
+        key, _, value = item.partition("=")
+        if key == "format":
+            if value != "jsonl":
+                raise InvalidArgument(f"log uri {uri!r}: unknown format {value!r} (only jsonl)")
+            return value
+    return ""
+
+
+def _rfc3339_nano(ns: int) -> str:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
+
+
+class _JsonLog:
+    """One output pipe of a process, copied by the loop into a log file as JSON lines."""
+
+    def __init__(self, loop: Loop, fd: int, log_fd: int, stream: str) -> None:
+        self.loop = loop
+        self.fd = fd  # the pipe's read end (non-blocking)
+        self.log_fd = log_fd  # shared by stdout and stderr; ProcessIO closes it
+        self.stream = stream
+        self.partial = b""
+        loop.add_reader(fd, self.on_readable)
+
+    def on_readable(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            data = os.read(self.fd, COPY_BUFFER)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.write(data)
+        else:
+            self.finish()
+
+    def write(self, data: bytes, final: bool = False) -> None:
+        now = _rfc3339_nano(time.time_ns())
+        buffer = self.partial + data
+        records = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0 or end - start >= LOG_LINE_MAX:
+                if len(buffer) - start >= LOG_LINE_MAX:
+                    end = start + LOG_LINE_MAX - 1  # a piece of an over-long line, no newline
+                elif end < 0:
+                    break
+            records.append(self.record(buffer[start : end + 1], now))
+            start = end + 1
+        self.partial = buffer[start:]
+        if final and self.partial:
+            records.append(self.record(self.partial, now))
+            self.partial = b""
+        if records:
+            with contextlib.suppress(OSError):  # a full disk loses log lines, not the process
+                os.write(self.log_fd, b"".join(records))
+
+    def record(self, line: bytes, now: str) -> bytes:
+        text = line.decode("utf-8", "replace")
+        return (json.dumps({"log": text, "stream": self.stream, "time": now}) + "\n").encode()
+
+    def finish(self) -> None:
+        """EOF (every writer is gone) or the process is forgotten: drain, write the rest, close."""
+        if self.fd < 0:
+            return
+        self.loop.remove_reader(self.fd)
+        with contextlib.suppress(OSError):
+            while data := os.read(self.fd, COPY_BUFFER):
+                self.write(data)
+        self.write(b"", final=True)
+        _close(self.fd)
+        self.fd = -1
 
 
 def _open_log_file(uri: str) -> int:
@@ -84,6 +173,8 @@ class ProcessIO:
         self._output_done.set()
         self._lock = threading.Lock()
         self._stdin_thread_stop = False
+        self._logs: list[_JsonLog] = []  # jsonl log copies
+        self._log_fds: dict[str, int] = {}  # jsonl log files by URI
         try:
             if stdio.terminal:
                 if stdio.stdout:
@@ -92,17 +183,32 @@ class ProcessIO:
                 if stdio.stdin:
                     self.child[0], self._pipe_in = os.pipe2(os.O_CLOEXEC)
                 self.child[1] = self._open_output(stdio.stdout) if stdio.stdout else None
-                if stdio.stderr and stdio.stderr == stdio.stdout and self.child[1] is not None:
+                if (
+                    stdio.stderr
+                    and stdio.stderr == stdio.stdout
+                    and self.child[1] is not None
+                    and not self._log_fds
+                ):
                     self.child[2] = os.dup(self.child[1])
                 elif stdio.stderr:
-                    self.child[2] = self._open_output(stdio.stderr)
+                    self.child[2] = self._open_output(stdio.stderr, stream="stderr")
         except BaseException:
             self.close()
             raise
 
-    def _open_output(self, value: str, keep: bool = True) -> int:
+    def _open_output(self, value: str, keep: bool = True, stream: str = "stdout") -> int:
         if value.startswith("file://"):
-            return _open_log_file(value)
+            if not _log_format(value):
+                return _open_log_file(value)
+            if not keep:  # a terminal's output is copied raw by its thread: no streams, no lines
+                raise InvalidArgument(f"log uri {value!r}: a terminal's output cannot be jsonl")
+            log_fd = self._log_fds.get(value)
+            if log_fd is None:
+                log_fd = self._log_fds[value] = _open_log_file(value)
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(read_end, False)
+            self._logs.append(_JsonLog(self.loop, read_end, log_fd, stream))
+            return write_end
         path = _path_of(value)
         try:
             keeper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -270,6 +376,12 @@ class ProcessIO:
         for index, fd in enumerate(self.child):
             _close(fd)
             self.child[index] = None
+        for log in self._logs:  # what is left in the pipes is written now
+            log.finish()
+        self._logs = []
+        for fd in self._log_fds.values():
+            _close(fd)
+        self._log_fds = {}
         if self._master is not None:
             self._output_done.wait(2)
             _close(self._master)
