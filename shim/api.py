@@ -35,6 +35,7 @@ Two contracts live here, one per side of the shim process:
 
        connect   Empty          -> ShimInfo        who it is, every process it holds; subscribes to events
        spawn     SpawnRequest   -> Pid             run a command with the process's stdio, adopt its process
+       run       RunRequest     -> RunResult       run a command to its end (say `runc start`); its status
        signal    SignalRequest  -> Empty           kill(2) a process it holds
        wait      ProcessKey     -> ExitInfo        answered when the process exits
        close_io  ProcessKey     -> Empty           close the process's stdin
@@ -277,6 +278,24 @@ class SpawnRequest(Value):
 
 
 @dataclass
+class RunRequest(Value):
+    """Run `argv` to its end, stdin and stdout on /dev/null, stderr into the shim's log; the answer
+    is its exit status. Backends run the commands that leave nothing behind here (`runc start`,
+    `runc delete`), as containerd's shims do: the daemon sends a message instead of forking. A
+    command still running after `timeout` seconds is killed (status 137)."""
+
+    container_id: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: float = 60.0
+
+
+@dataclass
+class RunResult(Value):
+    status: int  # the exit code, or 128+signal
+
+
+@dataclass
 class SignalRequest(Value):
     container_id: str
     exec_id: str = ""
@@ -344,6 +363,7 @@ class Event(Value):
 METHODS: dict[str, tuple[type[Value], type[Value]]] = {
     "connect": (Empty, ShimInfo),
     "spawn": (SpawnRequest, Pid),
+    "run": (RunRequest, RunResult),
     "signal": (SignalRequest, Empty),
     "wait": (ProcessKey, ExitInfo),
     "close_io": (ProcessKey, Empty),

@@ -50,6 +50,8 @@ from shim.api import (
     ProcessKey,
     ProcessRecord,
     ResizeRequest,
+    RunRequest,
+    RunResult,
     ShimError,
     ShimInfo,
     ShutdownRequest,
@@ -134,6 +136,15 @@ class Launch:
         self.seen: dict[int, int] = {}
 
 
+class Command:
+    """A `run` whose command is still running."""
+
+    def __init__(self, connection: Connection, request_id: Any) -> None:
+        self.connection = connection
+        self.request_id = request_id
+        self.timer = -1
+
+
 class Connection:
     def __init__(self, sock: _socket.socket, server: ShimServer) -> None:
         self.sock = sock
@@ -211,6 +222,7 @@ class ShimServer:
         self.processes: dict[tuple[str, str], Process] = {}
         self.by_pid: dict[int, Process] = {}
         self.launches: dict[int, Launch] = {}  # by the command's pid
+        self.commands: dict[int, Command] = {}  # runs, by the command's pid
         self.connections: set[Connection] = set()
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=PENDING_EVENTS)
         self.idle_timer = -1
@@ -304,7 +316,7 @@ class ShimServer:
             log("request failed", method=method, error=repr(exc), trace=traceback.format_exc())
             connection.send({"id": request_id, "error": Internal(f"shim {method}: {exc!r}").to_wire()})
             return
-        if result is not None:  # None: answered later (spawn, wait)
+        if result is not None:  # None: answered later (spawn, run, wait)
             connection.send({"id": request_id, "result": result.to_wire()})
         if method == "connect":
             connection.subscribed = True
@@ -364,8 +376,21 @@ class ShimServer:
         launch.timer = self.loop.call_later(request.timeout, lambda: self.launch_timed_out(pid))
         return None
 
+    def do_run(self, connection: Connection, request_id: Any, request: RunRequest) -> None:
+        if not request.argv:
+            raise InvalidArgument("run needs a command")
+        try:
+            pid = reaper.spawn(request.argv, (None, None, 2), request.env)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot run {request.argv[0]}: {exc.strerror}") from None
+        command = Command(connection, request_id)
+        command.timer = self.loop.call_later(request.timeout, lambda: self.launch_timed_out(pid))
+        self.commands[pid] = command
+        self.cancel_idle_exit()
+        return None
+
     def launch_timed_out(self, pid: int) -> None:
-        if pid in self.launches:
+        if pid in self.launches or pid in self.commands:
             log("command timed out, killing it", child=pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, _signal.SIGKILL)
@@ -443,6 +468,13 @@ class ShimServer:
 
     def on_exits(self, exits: list[tuple[int, int]]) -> None:
         for pid, status in exits:
+            command = self.commands.pop(pid, None)
+            if command is not None:
+                self.loop.cancel(command.timer)
+                answer = RunResult(status=status).to_wire()
+                command.connection.send({"id": command.request_id, "result": answer})
+                self.schedule_idle_exit()
+                continue
             launch = self.launches.pop(pid, None)
             if launch is not None:
                 self.launched(launch, status)
@@ -490,7 +522,7 @@ class ShimServer:
     # -- exiting when empty -------------------------------------------------------------------
 
     def schedule_idle_exit(self) -> None:
-        if self.processes or self.launches or self.idle_timer >= 0:
+        if self.processes or self.launches or self.commands or self.idle_timer >= 0:
             return
         self.idle_timer = self.loop.call_later(IDLE_EXIT_SECONDS, self.exit_if_idle)
 
@@ -501,7 +533,7 @@ class ShimServer:
 
     def exit_if_idle(self) -> None:
         self.idle_timer = -1
-        if not self.processes and not self.launches:
+        if not self.processes and not self.launches and not self.commands:
             log("holding nothing, exiting")
             self.loop.stop()
 

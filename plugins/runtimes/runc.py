@@ -8,8 +8,11 @@ systemd_cgroup.
 
 The two commands that leave a container process behind, `runc create` and `runc exec --detach`,
 are run by the task's shim process (shim.server "spawn"), so that the process is re-parented to
-the shim when runc exits and the shim alone owns its stdio and exit status. Everything else runs
-here, as asyncio subprocesses.
+the shim when runc exits and the shim alone owns its stdio and exit status. The commands whose
+output we do not read (start, kill, pause, resume, delete) are run by the shim too ("run"), as
+containerd's shim runs them: the daemon sends a message instead of forking and reaping a runc.
+Those whose output we read (state, ps, events --stats, update's input) and everything after the
+shim died (cleanup) run here, as asyncio subprocesses.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from runtimed.errors import (
     NotFound,
     PluginSkipped,
     RuntimedError,
+    Unavailable,
     q,
 )
 from runtimed.plugin import InitContext, PluginType, Registration
@@ -153,6 +157,20 @@ class RuncTask(Shim):
             raise NotFound(f"process does not exist {exec_id}")
         return process
 
+    async def _runc(self, *args: str, timeout: float = COMMAND_TIMEOUT) -> None:
+        """Run a runc command that prints nothing we need, in the shim process; here if the shim
+        is gone. runc's error comes from its JSON log, as for spawn."""
+        offset = self.runc.log_offset()
+        request = api.RunRequest(container_id=self.id, argv=self.runc.argv(*args), timeout=timeout)
+        try:
+            result = await self.context.shim.call("run", request, api.RunResult, timeout=timeout + 10)
+        except Unavailable:
+            await self.runc.run(*args, timeout=timeout)
+            return
+        if result.status != 0:
+            message = self.runc.logged_error(offset) or f"exit status {result.status}"
+            raise _classify(message)(f"runc {args[0]}: {message}")
+
     async def _spawn(self, request: SpawnRequest, what: str) -> int:
         """Run a runc command in the shim process; runc's own error if it fails."""
         offset = self.runc.log_offset()
@@ -203,7 +221,7 @@ class RuncTask(Shim):
         process = self.process(exec_id)
         process.require_startable()
         if not exec_id:
-            await self.runc.run("start", self.id)
+            await self._runc("start", self.id)
             if process.status == Status.CREATED:
                 process.status = Status.RUNNING
             self._watch_oom()
@@ -304,7 +322,7 @@ class RuncTask(Shim):
         if not all:
             process.require_signalable()
         try:
-            await self.runc.run("kill", *(["--all"] if all else []), self.id, str(signal))
+            await self._runc("kill", *(["--all"] if all else []), self.id, str(signal))
         except (NotFound, FailedPrecondition) as exc:
             if not all:
                 raise NotFound("process already finished") from exc
@@ -313,7 +331,7 @@ class RuncTask(Shim):
         self.init.require(Status.RUNNING, action="pause")
         self.init.status = Status.PAUSING
         try:
-            await self.runc.run("pause", self.id)
+            await self._runc("pause", self.id)
         except BaseException:
             if self.init.status == Status.PAUSING:
                 self.init.status = Status.RUNNING
@@ -323,7 +341,7 @@ class RuncTask(Shim):
 
     async def resume(self) -> None:
         self.init.require(Status.PAUSED, action="resume")
-        await self.runc.run("resume", self.id)
+        await self._runc("resume", self.id)
         if self.init.status == Status.PAUSED:
             self.init.status = Status.RUNNING
 
@@ -373,7 +391,7 @@ class RuncTask(Shim):
             )
         self._unwatch_oom()
         with contextlib.suppress(NotFound):
-            await self.runc.run("delete", "--force", self.id)
+            await self._runc("delete", "--force", self.id)
         key = api.ProcessKey(container_id=self.id)
         info = ExitInfo(pid=process.pid, exit_status=process.exit_status, exited_at=process.exited_at)
         if process.pid:

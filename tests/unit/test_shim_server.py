@@ -127,6 +127,26 @@ async def test_a_spawned_process_s_output_exit_and_event(rig):
     )
 
 
+async def test_run_answers_a_command_s_status_and_leaves_no_process(rig):
+    _, client, bundle = await rig.shim()
+    events: list[api.Event] = []
+    client.on_event = events.append
+    marker = bundle / "ran"
+    request = api.RunRequest(container_id="c1", argv=["sh", "-c", f"touch {marker}; echo oops >&2; exit 5"])
+    assert (await client.call("run", request, api.RunResult)).status == 5
+    assert marker.exists() and "oops" in (bundle / "shim.log").read_text()  # stderr: the shim's log
+    ok = api.RunRequest(container_id="c1", argv=["true"])
+    results = await asyncio.gather(*(client.call("run", ok, api.RunResult) for _ in range(4)))
+    assert [r.status for r in results] == [0] * 4
+    slow = api.RunRequest(container_id="c1", argv=["sleep", "30"], timeout=0.2)
+    assert (await client.call("run", slow, api.RunResult)).status == 128 + signal.SIGKILL
+    with pytest.raises(errors.InvalidArgument, match="cannot run"):
+        await client.call("run", api.RunRequest(container_id="c1", argv=["/nonexistent"]), api.RunResult)
+    assert (await client.call("connect", api.Empty(), api.ShimInfo)).processes == []
+    await asyncio.sleep(0.1)
+    assert events == []  # a command run to its end is no process of the shim's
+
+
 async def test_a_process_left_by_its_launcher_is_adopted(rig):
     """runc's pattern: the command starts the process, writes its pid, exits; the shim adopts it."""
     shim_pid, client, bundle = await rig.shim()
