@@ -8,7 +8,10 @@ strips and re-appends, so `ctr` prints them naturally.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import sqlite3
 
 import grpc
 
@@ -127,5 +130,13 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNIMPLEMENTED, f"{exc or 'method'}: not implemented"
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc or 'operation timed out'}: deadline exceeded"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # A full disk is the host's condition, not a bug: name what was being written.
+        what = f"writing {q(exc.filename)}: " if exc.filename else ""
+        reason = os.strerror(exc.errno).lower()
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}{reason}: resource exhausted"
+    if isinstance(exc, sqlite3.OperationalError) and "database or disk is full" in str(exc):
+        reason = "writing a database: no space left on device"
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{reason}: resource exhausted"
     # Anything unclassified is a bug in runtimed: say so without leaking internals.
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"

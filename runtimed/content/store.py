@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -50,6 +51,7 @@ from runtimed.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    ResourceExhausted,
     Unavailable,
     q,
 )
@@ -541,9 +543,27 @@ class Writer:
                     await self._unshare(copy=True)
                 file = self._file
                 assert file is not None
-                await self._call(file.write, data)
+                try:
+                    await self._call(file.write, data)
+                except OSError as exc:
+                    raise await self._disk_error(exc) from exc
                 file.record.updated_at = now_ns()
             return self.status().offset
+
+    async def _disk_error(self, exc: OSError) -> Exception:
+        """The error to raise for a failed write of the ingest's data.
+
+        A full disk (ENOSPC, EDQUOT) drops the ingest instead of keeping it for a resume: its
+        partial data is what filled the disk, and keeping it would leave the disk full for
+        everything else (a resume cannot finish before space is freed anyway).
+        """
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        with contextlib.suppress(Exception):
+            await self._finish(discard=True)
+            await self._store._db.write(_drop_ingest_leases, self.namespace, self.ref)
+        self._log.warning("ingest dropped: disk full", error=str(exc))
+        return ResourceExhausted(f"writing content {q(self.ref)}: {os.strerror(exc.errno).lower()}")
 
     async def _unshare(self, *, copy: bool) -> None:
         """Turn a pending adoption into a real ingest (the client sent data after all)."""
@@ -584,7 +604,10 @@ class Writer:
             else:
                 file = self._file
                 assert file is not None
-                actual_size = await self._call(file.sync)
+                try:
+                    actual_size = await self._call(file.sync)
+                except OSError as exc:
+                    raise await self._disk_error(exc) from exc
                 if size and size != actual_size:
                     raise FailedPrecondition(f"{q(self.ref)} failed size validation: {actual_size} != {size}")
                 digest = file.digest()
