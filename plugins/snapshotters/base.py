@@ -301,15 +301,22 @@ class LocalSnapshotter(Snapshotter):
                     target_dir, self.snapshots_dir / f"{TRASH_PREFIX}{snapshot_id}-{secrets.token_hex(4)}"
                 )
             os.rename(staging, target_dir)
+            renamed.append(target_dir)
             fsutil.fsync_dir(self.snapshots_dir)  # the rename is durable before the row is
             return snapshot_id
 
+        renamed: list[Path] = []
         try:
             await asyncio.to_thread(staging.mkdir, 0o700)
             await self._populate(staging, kind, parents)
             snapshot_id = await finish_despite_cancel(self._meta.write(insert))
         except BaseException:
             await finish_despite_cancel(asyncio.to_thread(_discard, staging))
+            if renamed:
+                # Renamed into place, then the transaction failed (e.g. the disk is full): the
+                # directory names no row. Reclaim it now rather than at the next start.
+                with contextlib.suppress(Exception):
+                    await finish_despite_cancel(self.cleanup())
             raise
         finally:
             self._staging.discard(staging.name)
