@@ -47,13 +47,14 @@ run import "$ARCHIVE"
 run tag bench.local/runtimed/busybox:v1 busybox:local
 run images
 
-run run --rm busybox:local demo-hello echo "hello from a runtimed container"
-run run -d busybox:local demo-sleeper sleep 300
-run tasks ls
-run tasks exec --exec-id e1 demo-sleeper ls /
-run tasks kill -s SIGKILL demo-sleeper
-sleep 0.5
-run tasks rm demo-sleeper
-run containers rm demo-sleeper
+"${RUNTIMECTL[@]}" rm -f demo-sleeper >/dev/null 2>&1 || true   # a previous demo's
+run run --rm --name demo-hello busybox:local echo "hello from a runtimed container"
+run run -d --name demo-sleeper busybox:local sh -c 'echo started; sleep 300'
+run ps
+run exec demo-sleeper ls /
+run logs --timestamps demo-sleeper
+run stop -t 2 demo-sleeper
+run ps -a
+run rm demo-sleeper
 echo
 echo "[demo] runtimed is running (pid $(cat "$PIDFILE" 2>/dev/null || echo '?')); stop it with: kill \"\$(cat $PIDFILE)\""

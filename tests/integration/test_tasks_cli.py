@@ -55,13 +55,31 @@ def rtctl(daemon, tmp_path) -> Iterator[Runner]:
 
 
 def test_run_attached_exit_status_and_stdin(rtctl, daemon):
-    result = rtctl("run", "--rm", IMAGE, "c1", "echo", "hello")
+    result = rtctl("run", "--rm", "--name", "c1", IMAGE, "echo", "hello")
     assert result.stdout == "hello\n"
-    assert rtctl("run", "--rm", IMAGE, "c2", "sh", "-c", "echo oops >&2; exit 3", check=False).returncode == 3
-    result = rtctl("run", "--rm", "-i", IMAGE, "c3", "sh", "-c", "cat; echo end", input="from-stdin\n")
+    assert (
+        rtctl(
+            "run", "--rm", "--name", "c2", IMAGE, "sh", "-c", "echo oops >&2; exit 3", check=False
+        ).returncode
+        == 3
+    )
+    result = rtctl(
+        "run", "--rm", "-i", "--name", "c3", IMAGE, "sh", "-c", "cat; echo end", input="from-stdin\n"
+    )
     assert result.stdout == "from-stdin\nend\n"
     env = rtctl(
-        "run", "--rm", "-e", "GREETING=hi there", "-w", "/tmp", IMAGE, "c4", "sh", "-c", "echo $GREETING; pwd"
+        "run",
+        "--rm",
+        "-e",
+        "GREETING=hi there",
+        "-w",
+        "/tmp",
+        "--name",
+        "c4",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo $GREETING; pwd",
     )
     assert env.stdout == "hi there\n/tmp\n"
     assert rtctl("containers", "ls", "-q").stdout == ""
@@ -69,23 +87,31 @@ def test_run_attached_exit_status_and_stdin(rtctl, daemon):
 
 
 def test_the_default_spec_is_confined(rtctl):
-    status = rtctl("run", "--rm", IMAGE, "s1", "cat", "/proc/self/status").stdout
+    status = rtctl("run", "--rm", "--name", "s1", IMAGE, "cat", "/proc/self/status").stdout
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     assert fields["NoNewPrivs"].strip() == "1"
     assert fields["Seccomp"].strip() == "2"  # filtered
     assert fields["CapEff"].strip() == "00000000a80425fb"  # containerd's default set
     mounted = rtctl(
-        "run", "--rm", IMAGE, "s2", "sh", "-c", "mount 2>/dev/null; cat /proc/kcore | wc -c", check=False
+        "run",
+        "--rm",
+        "--name",
+        "s2",
+        IMAGE,
+        "sh",
+        "-c",
+        "mount 2>/dev/null; cat /proc/kcore | wc -c",
+        check=False,
     )
     assert mounted.stdout.strip().endswith("0")  # /proc/kcore is masked
     unshare = rtctl(
-        "run", "--rm", IMAGE, "s3", "sh", "-c", "unshare -m true 2>/dev/null; echo $?", check=False
+        "run", "--rm", "--name", "s3", IMAGE, "sh", "-c", "unshare -m true 2>/dev/null; echo $?", check=False
     )
     assert unshare.stdout.strip() != "0"
 
 
 def test_detached_container_through_tasks_commands(rtctl, daemon):
-    assert rtctl("run", "-d", IMAGE, "d1", "sh", "-c", "echo logged; sleep 300").stdout == "d1\n"
+    assert rtctl("run", "-d", "--name", "d1", IMAGE, "sh", "-c", "echo logged; sleep 300").stdout == "d1\n"
     tasks = json.loads(rtctl("tasks", "ls", "--format", "json").stdout)
     assert [(t["id"], t["status"]) for t in tasks] == [("d1", "running")]
     pid = tasks[0]["pid"]
@@ -107,11 +133,14 @@ def test_detached_container_through_tasks_commands(rtctl, daemon):
     deadline = time.monotonic() + 5
     while not log.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert log.read_text() == "logged\n"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["stream"], r["log"]) for r in records] == [("stdout", "logged\n")]
 
 
 def test_kill_uses_the_stop_signal_and_bad_input_exits_125(rtctl):
-    rtctl("run", "-d", IMAGE, "k1", "sh", "-c", "trap 'exit 42' TERM; while true; do sleep 0.1; done")
+    rtctl(
+        "run", "-d", "--name", "k1", IMAGE, "sh", "-c", "trap 'exit 42' TERM; while true; do sleep 0.1; done"
+    )
     time.sleep(0.5)
     rtctl("tasks", "kill", "k1")  # the image's stop signal: SIGTERM
     deadline = time.monotonic() + 10
@@ -124,22 +153,24 @@ def test_kill_uses_the_stop_signal_and_bad_input_exits_125(rtctl):
     rtctl("tasks", "rm", "k1")
     rtctl("containers", "rm", "k1")
 
-    missing = rtctl("run", "--rm", "docker.io/library/nope:1", "m1", "true", check=False)
-    assert missing.returncode == 125 and "not found" in missing.stderr
-    runtime = rtctl("run", "--rm", "--runtime", "io.example.nope.v1", IMAGE, "m2", "true", check=False)
+    missing = rtctl("run", "--rm", "--name", "m1", "127.0.0.1:1/nope:1", "true", check=False)
+    assert missing.returncode == 125 and "127.0.0.1:1" in missing.stderr.splitlines()[-1]
+    runtime = rtctl(
+        "run", "--rm", "--runtime", "io.example.nope.v1", "--name", "m2", IMAGE, "true", check=False
+    )
     assert runtime.returncode == 125 and '"io.example.nope.v1"' in runtime.stderr
     assert rtctl("containers", "ls", "-q").stdout == ""  # --rm cleaned up the failed run
-    twice = rtctl("run", "-d", IMAGE, "m3", "sleep", "300")
+    twice = rtctl("run", "-d", "--name", "m3", IMAGE, "sleep", "300")
     assert twice.returncode == 0
-    clash = rtctl("run", "-d", IMAGE, "m3", "sleep", "300", check=False)
-    assert clash.returncode == 125 and "already exists" in clash.stderr
+    clash = rtctl("run", "-d", "--name", "m3", IMAGE, "sleep", "300", check=False)
+    assert clash.returncode == 125 and "already in use" in clash.stderr
     rtctl("tasks", "rm", "-f", "m3")
     rtctl("containers", "rm", "m3")
 
 
 def test_run_with_a_terminal(rtctl, daemon):
     argv = [sys.executable, "-m", "runtimed.cli.main", "-a", daemon.address, "-n", rtctl.namespace]
-    argv += ["run", "-t", "--rm", IMAGE, "t1", "sh"]
+    argv += ["run", "-t", "--rm", "--name", "t1", IMAGE, "sh"]
     output, status = shell_on_a_terminal(argv, cwd=str(REPO_ROOT))
     assert b"/dev/pts/0" in output and b"sum=42" in output, output
     assert status == 7
