@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -26,11 +27,12 @@ import grpc
 import pytest
 from crash.invariants import Stubs, check_store, cleanup, collect, ingest_dir, leaks, md
 from fixtures.archives import oci_archive
-from fixtures.images import build_image, busybox_image, layer_tar, random_bytes
+from fixtures.images import build_image, busybox_image, busybox_layer, layer_tar, push_image, random_bytes
 from fixtures.tasks import PROCESS_URL, TaskRig, reap_leftovers, unique_namespace
 from google.protobuf import any_pb2
 
 from runtimed.api.runtimed.services.transfer.v1 import transfer_pb2, transfer_pb2_grpc
+from runtimed.remotes import RegistryClient
 
 pytestmark = [
     pytest.mark.root,
@@ -117,6 +119,54 @@ def test_import_larger_than_the_disk(small_disk_daemon):
     cleanup(daemon)
     assert not leaks(daemon)
     assert abs(free_bytes(daemon.root) - before) < 1 << 20
+
+
+def pull(daemon, namespace: str, ref: str) -> str:
+    stubs = Stubs(daemon.address)
+    try:
+        transfer = transfer_pb2_grpc.TransferStub(stubs.channel)
+        request = transfer_pb2.PullRequest(
+            reference=ref, unpack=True, registry=transfer_pb2.RegistryOptions(plain_http=True)
+        )
+        last = None
+        for progress in transfer.Pull(request, metadata=md(namespace), timeout=120):
+            last = progress
+        return last.image.name
+    finally:
+        stubs.close()
+
+
+def test_pull_larger_than_the_disk(small_disk_daemon, registry):
+    daemon = small_disk_daemon
+    before = free_bytes(daemon.root)
+    big = layer_tar({"big.bin": random_bytes(FS_SIZE + (16 << 20), seed=2)}, busybox=False)
+    image = build_image([busybox_layer(), big], compress=False)
+    ref = registry.ref(f"full/big{os.getpid()}", "v1")
+    small = registry.ref(f"full/small{os.getpid()}", "v1")
+
+    async def push() -> None:
+        async with RegistryClient() as client:
+            await push_image(client, ref, image)
+            await push_image(client, small, busybox_image())
+
+    asyncio.run(push())
+    with pytest.raises(grpc.RpcError) as failure:
+        pull(daemon, "pull", ref)
+    error = failure.value
+    print(error.code(), error.details())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert "no space left on device" in error.details().lower()
+    assert image.layers[1].digest in error.details(), "the error names what was being written"
+    assert_intact(daemon)
+    assert not os.listdir(ingest_dir(daemon)), "the partial blob of a full disk is not kept"
+    stubs = Stubs(daemon.address)
+    collect(stubs)  # the busybox layer and the documents it fetched were held only by its lease
+    stubs.close()
+    assert abs(free_bytes(daemon.root) - before) < 1 << 20, "space not given back after the GC"
+    assert pull(daemon, "pull", small) == small
+    assert_intact(daemon)
+    cleanup(daemon)
+    assert not leaks(daemon)
 
 
 def test_layer_that_does_not_fit_unpacked(small_disk_daemon):
