@@ -318,7 +318,7 @@ def get_container(ctx: Context, name: str) -> Any:
     try:
         return ctx.client.container(name)
     except Exception as exc:
-        if is_code(exc, "NOT_FOUND"):
+        if is_code(exc, "NOT_FOUND") or is_code(exc, "INVALID_ARGUMENT"):  # not a container name
             raise CLIError(f"no such container: {name}") from None
         raise
 

@@ -208,6 +208,7 @@ class Plan:
     memory: int = 0
     cpus: float = 0.0
     labels: dict[str, str] = field(default_factory=dict)
+    created_volumes: list[str] = field(default_factory=list)  # named volumes this run made
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -630,7 +631,7 @@ def _create_record(
     from runtimed.tasks import spec as specs
 
     spec, entrypoint, cmd = build_spec(ctx, services, args, plan, info, name)
-    created_volumes: list[str] = []
+    created_volumes = plan.created_volumes
     try:
         mounts = _prepare_volumes(ctx, plan, snapshotter, name, services, created_volumes)
         for mount in mounts:
@@ -663,6 +664,7 @@ def _create_record(
         return services.containers.Create(request, metadata=leased, timeout=ctx.timeout).container
     except BaseException:
         remove_volumes(ctx, created_volumes)
+        created_volumes.clear()
         raise
 
 
@@ -817,6 +819,7 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
             if not args.rm:  # not the command's fault: leave nothing behind
                 with contextlib.suppress(Exception):
                     remove_container(ctx, services, name)
+                remove_volumes(ctx, plan.created_volumes)
             raise
         if detached:
             try:
@@ -841,11 +844,13 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
         if not args.rm:
             record_exit(services, name, status)
         stubs.call("Delete", stubs.pb.DeleteTaskRequest(container_id=name))
-    except BaseException:
+    except BaseException as exc:
         if args.rm:
             delete_task_quietly(stubs, name)
             with contextlib.suppress(Exception):
                 remove_container(ctx, services, name)
+            if not isinstance(exc, InvokeError):  # runtimectl's or the daemon's failure: no new volumes
+                remove_volumes(ctx, plan.created_volumes)
         raise
     finally:
         if attachment is not None:
