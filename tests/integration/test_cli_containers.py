@@ -513,3 +513,30 @@ def test_help_and_completion():
     assert "logs" in lines[0].split() and "load" in lines[0].split()
     assert lines[1].split() == ["--memory"]
     assert "compdef runtimectl" in ok("completion", "zsh")
+
+
+async def test_run_pulls_a_missing_image(daemon, registry):
+    from fixtures.images import push_image
+
+    from runtimed.remotes import RegistryClient
+
+    namespace = unique_namespace("dp")
+    rtctl = runner(daemon, namespace)
+    ref = registry.ref(f"team/bb{os.getpid()}", "v1")
+    async with RegistryClient() as client:
+        await push_image(client, ref, cli_busybox())
+    try:
+        # Short names resolve like docker's: the tag defaults to latest.
+        short = str(ref).removesuffix(":v1")
+        missing = rtctl("run", "--rm", short, "true", check=False)
+        assert missing.returncode == 125 and "not found" in missing.stderr.splitlines()[-1]
+        result = rtctl("run", "--rm", "--name", "pulled", str(ref), "echo", "pulled and ran")
+        assert result.stdout == "pulled and ran\n"
+        assert f"Unable to find image '{ref}' locally" in result.stderr
+        assert f"Downloaded newer image for {ref}" in result.stderr
+        assert [i.name for i in daemon.client(namespace).images()] == [str(ref)]
+        again = rtctl("run", "--rm", str(ref), "true")  # present now: no pull
+        assert again.stderr == ""
+    finally:
+        leftovers = reap_leftovers(daemon.state, [namespace])
+    assert not leftovers, f"test left {leftovers}"
