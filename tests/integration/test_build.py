@@ -100,3 +100,231 @@ def test_no_cache_runs_everything_again(rt, tmp_path):
     result = rt.build(context, "--no-cache", "-t", "app:v2")
     assert result.returncode == 0, result.stderr
     assert "Using cache" not in result.stdout and "side effect 42" in result.stdout
+
+
+def layer_names(rt: Builder, name: str, index: int) -> list[str]:
+    manifest, _ = rt.documents(name)
+    data = rt.read(manifest["layers"][index]["digest"])
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        return tar.getnames()
+
+
+def test_layers_hold_only_the_steps_changes(rt, tmp_path):
+    assert rt.build(app_context(tmp_path), "-t", "app:v1").returncode == 0
+    name = "docker.io/library/app:v1"
+    manifest, config = rt.documents(name)
+    assert all(
+        layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip" for layer in manifest["layers"]
+    )
+    assert layer_names(rt, name, 1) == ["app"]  # WORKDIR
+    assert layer_names(rt, name, 2) == ["app", "app/run.sh"]  # COPY
+    assert layer_names(rt, name, 3) == ["app", "app/built.txt"]  # RUN: no proc/, dev/, sys/ mount points
+    assert [h.get("empty_layer", False) for h in config["history"]][-4:] == [False, False, False, True]
+
+
+def test_dockerignore_is_honoured(rt, tmp_path):
+    context = write(
+        tmp_path / "ctx",
+        {
+            "Dockerfile": 'FROM busybox:local\nCOPY . /ctx/\nCMD ["ls", "-aR", "/ctx"]\n',
+            ".dockerignore": "# secrets\n*.key\nlogs\n!logs/keep.log\n**/*.tmp\n/Dockerfile\n",
+            "a.txt": "a",
+            "secret.key": "k",
+            "logs/x.log": "x",
+            "logs/keep.log": "keep",
+            "deep/er/junk.tmp": "t",
+            "deep/er/fine.txt": "f",
+        },
+    )
+    result = rt.build(context, "-t", "ignored:v1")
+    assert result.returncode == 0, result.stderr
+    status, out = rt.run_image("docker.io/library/ignored:v1")
+    assert status == 0
+    listing = {line.rstrip(":") for line in out.split()}
+    assert {"a.txt", "deep", "fine.txt", "keep.log", "logs"} <= listing
+    assert not {"secret.key", "x.log", "junk.tmp", "Dockerfile"} & listing
+    assert ".dockerignore" in listing  # not excluded by itself
+
+
+def test_build_args_and_variable_substitution(rt, tmp_path):
+    context = write(
+        tmp_path / "args",
+        {
+            "Dockerfile": (
+                "ARG BASE=busybox:local\n"
+                "FROM ${BASE}\n"
+                "ARG GREETING=hello\n"
+                "ENV TARGET=world DIR=/out\n"
+                "WORKDIR ${DIR:-/nowhere}\n"
+                'RUN echo "$GREETING ${TARGET}" > msg && echo "args: $GREETING"\n'
+                "ENV SHOWN=${GREETING}-${UNSET:-default}\n"
+                'LABEL greeting="$GREETING" \\\n'
+                "      other=fixed\n"
+                "CMD cat msg; echo $SHOWN; pwd\n"
+            )
+        },
+    )
+    first = rt.build(
+        context, "--build-arg", "GREETING=bonjour", "--build-arg", "NOT_DECLARED=1", "-t", "args:v1"
+    )
+    assert first.returncode == 0, first.stderr
+    assert "args: bonjour" in first.stdout
+    assert "[Warning] One or more build-args [NOT_DECLARED] were not consumed" in first.stdout
+    status, out = rt.run_image("docker.io/library/args:v1")
+    assert (status, out) == (0, "bonjour world\nbonjour-default\n/out\n")
+    _, config = rt.documents("docker.io/library/args:v1")
+    assert config["config"]["Labels"] == {"greeting": "bonjour", "other": "fixed"}
+    assert config["config"]["Cmd"] == ["/bin/sh", "-c", "cat msg; echo $SHOWN; pwd"]
+    assert "GREETING" not in " ".join(config["config"]["Env"])  # build args are not kept
+    run_history = [h["created_by"] for h in config["history"] if h["created_by"].startswith("RUN")]
+    assert run_history[-1].startswith("RUN |1 GREETING=bonjour /bin/sh -c ")
+
+    same = rt.build(context, "--build-arg", "GREETING=bonjour", "-t", "args:v1")
+    assert "args: bonjour" not in same.stdout  # cached
+    other = rt.build(context, "--build-arg", "GREETING=hallo", "-t", "args:v2")
+    assert other.returncode == 0 and "args: hallo" in other.stdout  # a new value invalidates the RUN
+    assert rt.run_image("docker.io/library/args:v2", container_id="run2")[1].startswith("hallo world\n")
+
+
+def test_chown_user_and_add_archive(rt, tmp_path):
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, data, uid in (("pkg/a.txt", b"from the archive\n", 7), ("pkg/sub/b.txt", b"b\n", 8)):
+            info = tarfile.TarInfo(name)
+            info.size, info.uid, info.gid, info.mode = len(data), uid, uid, 0o640
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("pkg/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.txt"
+        tar.addfile(link)
+    context = write(
+        tmp_path / "own",
+        {
+            "Dockerfile": (
+                "FROM busybox:local\n"
+                "RUN mkdir -p /etc && echo 'app:x:1234:4321::/home/app:/bin/sh' >> /etc/passwd "
+                "&& echo 'staff:x:50:' >> /etc/group\n"
+                "COPY --chown=1000:1000 f.txt /numeric.txt\n"
+                "COPY --chown=app:staff f.txt d/ /named/\n"
+                "COPY --chmod=0700 f.txt /private.txt\n"
+                "ADD pkg.tar.gz /opt/\n"
+                "ADD f.txt /opt/plain.txt\n"
+                "USER app\n"
+                'RUN echo "running as $(id -u):$(id -g)"\n'
+                "CMD ls -ln /numeric.txt /named/f.txt /named/inner.txt /private.txt /opt/pkg/a.txt; "
+                "cat /opt/pkg/link /opt/plain.txt\n"
+            ),
+            "f.txt": "plain\n",
+            "d/inner.txt": "inner\n",
+        },
+    )
+    (context / "pkg.tar.gz").write_bytes(archive.getvalue())
+    result = rt.build(context, "-t", "own:v1")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "running as 1234:4321" in result.stdout
+    # runtimed.tasks.spec takes numeric users only: run it as root (the RUN step above ran as app)
+    status, out = rt.run_image("docker.io/library/own:v1", user="0")
+    assert status == 0, out
+    lines = out.splitlines()
+    owners = {line.split()[-1]: (line.split()[0], line.split()[2], line.split()[3]) for line in lines[:5]}
+    assert owners["/numeric.txt"] == ("-rw-r--r--", "1000", "1000")
+    assert owners["/named/f.txt"][1:] == ("1234", "50")
+    assert owners["/named/inner.txt"][1:] == ("1234", "50")
+    assert owners["/private.txt"] == ("-rwx------", "0", "0")
+    assert owners["/opt/pkg/a.txt"] == ("-rw-r-----", "7", "7")  # the archive's owner and mode
+    assert lines[5:] == ["from the archive", "plain"]
+
+
+def test_from_scratch_with_a_static_binary(rt, tmp_path):
+    context = write(
+        tmp_path / "scratch",
+        {
+            "Dockerfile": (
+                "FROM scratch\nCOPY busybox /bin/busybox\n"
+                'ENTRYPOINT ["/bin/busybox"]\nCMD ["echo", "static"]\n'
+            )
+        },
+    )
+    (context / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (context / "busybox").chmod(0o755)
+    result = rt.build(context, "-t", "static:v1")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    manifest, config = rt.documents("docker.io/library/static:v1")
+    assert len(manifest["layers"]) == 1 and config["config"]["Entrypoint"] == ["/bin/busybox"]
+    assert layer_names(rt, "docker.io/library/static:v1", 0) == ["bin", "bin/busybox"]
+    assert rt.run_image("docker.io/library/static:v1") == (0, "static\n")
+
+
+def test_multi_stage_copy_from(rt, tmp_path):
+    context = write(
+        tmp_path / "multi",
+        {
+            "Dockerfile": (
+                "FROM busybox:local AS builder\n"
+                "RUN echo compiled > /artifact\n"
+                "FROM scratch\n"
+                "COPY --from=builder /bin/busybox /artifact /out/\n"
+                'CMD ["/out/busybox", "cat", "/out/artifact"]\n'
+            )
+        },
+    )
+    result = rt.build(context, "-t", "multi:v1")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert rt.run_image("docker.io/library/multi:v1") == (0, "compiled\n")
+    assert len(rt.documents("docker.io/library/multi:v1")[0]["layers"]) == 1
+
+
+def test_unknown_instruction_builds_nothing(rt, tmp_path):
+    context = write(tmp_path / "bad", {"Dockerfile": "FROM busybox:local\nRUN echo never\nFOO bar\n"})
+    before = (rt.image_names(), rt.snapshots())
+    result = rt.build(context, "-t", "bad:v1")
+    assert result.returncode == 125
+    assert "line 3" in result.stderr and "unknown instruction: FOO" in result.stderr
+    assert "Step" not in result.stdout
+    assert (rt.image_names(), rt.snapshots()) == before
+
+
+def test_failing_run_shows_output_and_leaves_nothing(rt, tmp_path, daemon):
+    context = write(
+        tmp_path / "fail",
+        {
+            "Dockerfile": (
+                "FROM busybox:local\n"
+                "COPY f.txt /f.txt\n"
+                "RUN echo before the failure; echo to stderr >&2; exit 3\n"
+                'CMD ["true"]\n'
+            ),
+            "f.txt": "x",
+        },
+    )
+    before = rt.snapshots()
+    result = rt.build(context, "-t", "fail:v1")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "before the failure" in result.stdout and "to stderr" in result.stdout
+    assert "returned a non-zero code: 3" in result.stderr
+    assert "Successfully" not in result.stdout
+    assert rt.image("docker.io/library/fail:v1") is None
+    assert rt.containers() == []
+    cached = rt.cache_chains()
+    assert len(cached) == 1  # the COPY step is cached; the RUN left nothing
+    assert {k: v for k, v in rt.snapshots().items() if k not in cached} == before
+    assert not mounts_under(daemon.state / TASK_STATE)
+    assert not [m for m in mounts_under(Path("/tmp")) if "runtimed-mount-" in m]
+
+
+def test_missing_copy_source_fails_the_step(rt, tmp_path):
+    context = write(tmp_path / "missing", {"Dockerfile": "FROM busybox:local\nCOPY nothere /x\n"})
+    result = rt.build(context, "-t", "missing:v1")
+    assert result.returncode == 1
+    assert "file not found in build context" in result.stderr and "nothere" in result.stderr
+    assert rt.image("docker.io/library/missing:v1") is None
+
+
+def test_prune_drops_the_cache(rt, tmp_path):
+    context = app_context(tmp_path)
+    assert rt.build(context, "-t", "app:v1").returncode == 0
+    assert rt.cache_chains()
+    assert rt.ok("builder", "prune", "-f") == "Deleted 3 build cache records\n"
+    assert rt.cache_chains() == set()
+    again = rt.build(context, "-t", "app:v1")
+    assert again.returncode == 0 and "side effect 42" in again.stdout
+    assert rt.ok("build", "prune").startswith("Deleted 3 build cache records")
