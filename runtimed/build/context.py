@@ -44,9 +44,10 @@ def _ignore_regex(pattern: str) -> str:
     """patternmatcher's translation of a pattern into an anchored regular expression."""
     out = ["^"]
     i = 0
+    in_class = False
     while i < len(pattern):
         ch = pattern[i]
-        if ch == "*":
+        if ch == "*" and not in_class:
             if i + 1 < len(pattern) and pattern[i + 1] == "*":
                 i += 1
                 if i + 1 < len(pattern) and pattern[i + 1] == "/":
@@ -65,8 +66,14 @@ def _ignore_regex(pattern: str) -> str:
                 out.append(re.escape(pattern[i]))
             else:
                 out.append("\\\\")
-        elif ch in "[]":
+        elif ch == "[":
+            in_class = True
             out.append(ch)
+        elif ch == "]":
+            in_class = False
+            out.append(ch)
+        elif in_class:
+            out.append(ch)  # ranges and ^ keep their meaning inside a class
         else:
             out.append(re.escape(ch))
         i += 1

@@ -328,3 +328,17 @@ def test_prune_drops_the_cache(rt, tmp_path):
     again = rt.build(context, "-t", "app:v1")
     assert again.returncode == 0 and "side effect 42" in again.stdout
     assert rt.ok("build", "prune").startswith("Deleted 3 build cache records")
+
+
+def test_built_image_pushes_and_pulls_back_in_another_namespace(rt, tmp_path, daemon, registry):
+    assert rt.build(app_context(tmp_path), "-t", "app:v1").returncode == 0
+    remote = registry.ref(f"build/app-{os.getpid()}", "v1")
+    rt.ok("push", "app:v1", remote)
+    other = Builder(daemon, tmp_path / "other")
+    try:
+        other.ok("pull", remote)  # the daemon verifies every blob, and every diff_id while unpacking
+        assert other.run_image(remote) == (0, "hello from app\nbuilt by RUN\n/app\n")
+        assert other.documents(remote) == rt.documents("docker.io/library/app:v1")
+    finally:
+        reap_leftovers(daemon.state, [other.namespace])
+        other.close()
