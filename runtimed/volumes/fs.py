@@ -44,6 +44,19 @@ def _unescape_mountinfo(field: str) -> str:
     return "".join(out)
 
 
+def filesystem_type(mountpoint: Path) -> str | None:
+    """The filesystem type of the topmost mount at `mountpoint` (None if nothing is mounted there)."""
+    target = os.path.normpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields, _, rest = line.partition(" - ")
+            fields_list = fields.split()
+            if len(fields_list) >= 5 and _unescape_mountinfo(fields_list[4]) == target and rest:
+                found = rest.split()[0]  # later lines are mounted on top of earlier ones
+    return found
+
+
 def mounts_at_or_below(path: Path) -> list[str]:
     """Mount points (of this process's mount namespace) at `path` or inside it."""
     prefix = os.path.normpath(path)
@@ -170,6 +183,10 @@ def resolve_in_root(root_fd: int, path: str) -> Resolved | None:
                 info = os.lstat(part, dir_fd=stack[-1])
             except (FileNotFoundError, NotADirectoryError):
                 return None
+            except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:  # no such name can exist
+                    return None
+                raise
             if stat.S_ISLNK(info.st_mode):
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
@@ -278,8 +295,10 @@ def copy_tree(src_fd: int, dst_fd: int) -> None:
 
     The attributes of the top directory itself are not applied (the caller decides where they go).
     Directories are walked without recursion; their attributes are set once they are complete.
+    Directories on another filesystem (mounts inside the source) are left out.
     """
     links: dict[tuple[int, int], str] = {}
+    device = os.fstat(src_fd).st_dev
     # (source fd, target fd, names left, the source's stat, path relative to the top)
     stack: list[tuple[int, int, list[str], os.stat_result | None, str]] = [
         (os.dup(src_fd), os.dup(dst_fd), sorted(os.listdir(src_fd)), None, "")
@@ -300,6 +319,9 @@ def copy_tree(src_fd: int, dst_fd: int) -> None:
             entry = os.lstat(name, dir_fd=src)
             entry_rel = f"{rel}/{name}" if rel else name
             if stat.S_ISDIR(entry.st_mode):
+                if entry.st_dev != device:  # a mount inside the source: not part of the image
+                    log.debug("not copying a directory on another filesystem", path=entry_rel)
+                    continue
                 child_src = _open_dir_at(src, name, entry)
                 try:
                     os.mkdir(name, 0o700, dir_fd=dst)

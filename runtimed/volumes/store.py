@@ -55,6 +55,21 @@ DATA = "_data"
 TMP = ".tmp"
 TRASH = ".trash"
 SEED_PREFIX = ".seed-"
+# What an image's root filesystem can be mounted as (snapshotters' mounts); "none" only as a bind.
+ROOTFS_TYPES = frozenset({"overlay", "bind", "none", "ext4", "ext3", "ext2", "xfs", "btrfs", "zfs", "erofs",
+                          "squashfs"})  # fmt: skip
+# Options that would act on other mounts than the one being made.
+FORBIDDEN_OPTIONS = frozenset({"remount", "move", "rmove"})
+# Filesystems that are not an image, whatever bind mount leads to them: never copied from.
+PSEUDO_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "devtmpfs", "devpts",
+    "mqueue", "bpf", "configfs", "fusectl", "pstore", "efivarfs", "hugetlbfs", "autofs", "binfmt_misc",
+    "nsfs", "rpc_pipefs", "selinuxfs", "nfsd",
+})  # fmt: skip
+MAX_ROOTFS_MOUNTS = 32
+MAX_MOUNT_SOURCE = 4096
+MAX_MOUNT_DATA = 4095
+MAX_ERROR_DETAIL = 1024
 
 
 @dataclass
@@ -90,6 +105,33 @@ def _json_safe(text: str) -> bool:
     return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
+def validate_rootfs(rootfs: Sequence[Mount], what: str) -> None:
+    """Refuse mounts that are not an image's root filesystem before anything is mounted."""
+    if not rootfs:
+        raise InvalidArgument(f"{what}: rootfs must have at least one mount")
+    if len(rootfs) > MAX_ROOTFS_MOUNTS:
+        raise InvalidArgument(f"{what}: rootfs has {len(rootfs)} mounts, more than {MAX_ROOTFS_MOUNTS}")
+    for mount in rootfs:
+        if mount.type not in ROOTFS_TYPES:
+            raise InvalidArgument(
+                f"{what}: rootfs mount type {q(mount.type[:64])} is not an image filesystem "
+                f"({', '.join(sorted(ROOTFS_TYPES))})"
+            )
+        if mount.type == "none" and not {"bind", "rbind"} & set(mount.options):
+            raise InvalidArgument(f'{what}: rootfs mount of type "none" must be a bind mount')
+        if not mount.source or len(mount.source) > MAX_MOUNT_SOURCE or "\x00" in mount.source:
+            raise InvalidArgument(f"{what}: rootfs mount source {q(mount.source[:64])} is not a valid source")
+        for option in mount.options:
+            if option in FORBIDDEN_OPTIONS or "," in option or "\x00" in option:
+                raise InvalidArgument(f"{what}: rootfs mount option {q(option[:64])} is not allowed")
+        if len(",".join(mount.options)) > MAX_MOUNT_DATA:
+            raise InvalidArgument(f"{what}: rootfs mount options longer than {MAX_MOUNT_DATA} bytes")
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_DETAIL else text[:MAX_ERROR_DETAIL] + "..."
+
+
 def readonly_view(rootfs: Sequence[Mount]) -> list[Mount]:
     """The mounts to read rootfs through: its directories as a read-only overlay (or bind) when it
     is a bind or overlay mount, so that an upperdir in use by a running container is never mounted
@@ -98,7 +140,7 @@ def readonly_view(rootfs: Sequence[Mount]) -> list[Mount]:
     if not layers:
         return list(rootfs)
     if len(layers) == 1:
-        return [Mount("bind", str(layers[0]), options=["rbind", "ro"])]
+        return [Mount("bind", str(layers[0]), options=["bind", "ro"])]
     lowerdir = "lowerdir=" + ":".join(str(layer) for layer in layers)
     if len(lowerdir) > 4000:  # what one page of mount data holds, with room for the rest
         return list(rootfs)
@@ -112,9 +154,9 @@ class VolumeStore:
         self._db = db
         self._events = events
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
-        needle = str(self.root)
-        # Specs that do not contain the root's path cannot mount a volume: skip decoding them.
-        self._needle = needle.encode() if _json_safe(needle) else b""
+        # Specs that do not name the plugin's directory cannot mount a volume: skip decoding them.
+        # (Its name, not the whole root: a source may spell the root's path with "//" or "/./".)
+        self._needle = self.root.name.encode() if _json_safe(self.root.name) else b""
 
     # -- paths and locks ----------------------------------------------------------------------
 
@@ -162,12 +204,15 @@ class VolumeStore:
                     log.info("removing a volume directory without a record", path=str(volume_dir))
                     self._discard(volume_dir)
                     continue
+                if volume_dir.is_symlink() or not volume_dir.is_dir():
+                    log.warning("volume directory is not a directory", path=str(volume_dir))
+                    continue
                 for entry in volume_dir.iterdir():
                     if entry.name.startswith(SEED_PREFIX):
                         self._remove_quietly(entry)
         for namespace, name in sorted(recorded):
             data = self.directory(namespace, name) / DATA
-            if not data.is_dir():
+            if not os.path.lexists(data):
                 log.warning(
                     "volume directory missing; made it again, empty", namespace=namespace, volume=name
                 )
@@ -279,7 +324,7 @@ class VolumeStore:
             displaced: list[Path] = []
             stamp = now_ns()
 
-            def write(conn: sqlite3.Connection) -> None:
+            def write(conn: sqlite3.Connection) -> list[str]:
                 namespaces.ensure(conn, namespace)
                 try:
                     conn.execute(
@@ -294,9 +339,11 @@ class VolumeStore:
                     os.rename(target, displaced[-1])
                 os.rename(staging, target)
                 _fsync_dir(target.parent)
+                # Containers may name the path already (made before the volume, e.g. by ctr).
+                return self._users(self._mount_sources(conn, namespace), namespace, name)
 
             try:
-                await self._db.write(write)
+                used_by = await self._db.write(write)
             except BaseException:
                 if os.path.lexists(staging):
                     await asyncio.to_thread(self._remove_quietly, staging)
@@ -309,7 +356,11 @@ class VolumeStore:
             namespace, "/volumes/create", events_pb2.VolumeCreate(name=name, labels=volume_labels)
         )
         return Volume(
-            name=name, mountpoint=self.mountpoint(namespace, name), labels=volume_labels, created_at=stamp
+            name=name,
+            mountpoint=self.mountpoint(namespace, name),
+            labels=volume_labels,
+            created_at=stamp,
+            used_by=used_by,
         )
 
     def _make_staging(self) -> Path:
@@ -370,8 +421,7 @@ class VolumeStore:
     async def seed(self, namespace: str, name: str, rootfs: Sequence[Mount], path: str) -> bool:
         """Copy `path` of the mounted rootfs into the volume if it is empty; whether it copied."""
         validate_name(name)
-        if not rootfs:
-            raise InvalidArgument(f"seed volume {q(name)}: rootfs must have at least one mount")
+        validate_rootfs(rootfs, f"seed volume {q(name)}")
         if not path.startswith("/") or "\x00" in path:
             raise InvalidArgument(f"seed volume {q(name)}: path {q(path)} must be an absolute path")
         async with self._locked(namespace, name):
@@ -437,7 +487,13 @@ class VolumeStore:
         target = Path(tempfile.mkdtemp(prefix="seed-", dir=self.state))
         count = 0
         try:
-            count = mountlib.mount_all(readonly_view(rootfs), target, readonly=True)
+            try:
+                count = mountlib.mount_all(readonly_view(rootfs), target, readonly=True)
+            except FailedPrecondition as exc:
+                raise FailedPrecondition(f"mounting the rootfs: {_bounded(exc.reason)}") from None
+            fstype = fs.filesystem_type(target)
+            if fstype in PSEUDO_FILESYSTEMS:
+                raise InvalidArgument(f"rootfs is a {q(fstype)} filesystem, not an image")
             yield target
         finally:
             mountlib.unmount_all(target, count)

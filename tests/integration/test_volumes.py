@@ -214,6 +214,20 @@ def test_in_use_volumes_cannot_be_removed_until_their_containers_go(vols):
     vols.delete_container("unrelated")
 
 
+def test_users_are_found_however_the_spec_spells_the_path(vols):
+    volume = vols.create("data")
+    spelled = volume.mountpoint.replace("/_data", "/./_data").replace("/default/", "/default//")
+    vols.container_mounting("odd", spelled)
+    assert list(vols.get("data").used_by) == ["odd"]
+    # a container made before the volume (as ctr may do) is a user from the start
+    vols.container_mounting("early", volume.mountpoint.replace("/data/", "/later/"))
+    assert list(vols.create("later").used_by) == ["early"]
+    assert error_of(lambda: vols.remove("later"))[0] == grpc.StatusCode.FAILED_PRECONDITION
+    vols.delete_container("odd")
+    vols.delete_container("early")
+    assert list(vols.prune().removed) == ["data", "later"]
+
+
 def test_prune_removes_unused_matching_volumes_and_counts_bytes(vols):
     keep = vols.create("keep", keep="yes")
     tmp1 = vols.create("tmp1", tmp="1")
@@ -335,6 +349,50 @@ def test_volume_events(daemon, vols):
     assert (event.name, dict(event.labels)) == ("evented", {"k": "v"})
     assert deleted.topic == "/volumes/delete"
     assert pb.VolumeDelete.FromString(deleted.event.value).name == "evented"
+
+
+HOSTILE = ["", ".", "..", "../../etc/passwd", "/abs/path", "a\x00b", "ünïcödé-名前", "a b", "a" * 256,
+           "x" * 70_000, "\n", "'; DROP TABLE volumes; --", "-leading", "data"]  # fmt: skip
+
+
+def test_hostile_input_gets_a_precise_error_and_changes_nothing(daemon, vols):
+    """No request makes the daemon fail (INTERNAL/UNKNOWN) or leaves anything behind."""
+    vols.create("data", keep="me")
+    before = vols.list()
+    calls = []
+    for text in HOSTILE:
+        calls += [
+            lambda t=text: vols.get(t),
+            lambda t=text: vols.remove(t) if t != "data" else vols.get(t),
+            lambda t=text: vols.create(t) if t not in ("", "data") else vols.get("data"),
+            lambda t=text: vols.create("fresh", **{t: "v"}) if t else vols.create("fresh", **{"": t}),
+            lambda t=text: vols.list(t),
+            lambda t=text: vols.prune(f"{t},name==nothing-matches-this"),
+            lambda t=text: vols.seed(
+                "data", [mount_pb2.Mount(type="bind", source=t, options=["rbind"])], "/x"
+            ),
+            lambda t=text: vols.seed("data", [mount_pb2.Mount(type=t, source="/x")], "/x"),
+            lambda t=text: vols.seed(
+                "data", [mount_pb2.Mount(type="overlay", source="o", options=[t])], "/x"
+            ),
+            lambda t=text: vols.seed(t, [mount_pb2.Mount(type="bind", source="/nonexistent")], "/" + t),
+        ]
+    for call in calls:
+        try:
+            call()
+        except grpc.RpcError as exc:
+            assert exc.code() in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.ALREADY_EXISTS,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ), exc.details()
+            assert exc.details() and len(exc.details()) < 4096
+        with contextlib.suppress(grpc.RpcError):
+            vols.remove("fresh")
+    assert vols.list() == before and os.listdir(vols.get("data").mountpoint) == []
+    assert os.listdir(volumes_root(daemon) / ".tmp") == [] and mounts_under(daemon.state) == []
+    assert daemon.process.poll() is None
 
 
 # -- seed (copy-up) from real snapshots -------------------------------------------------------------
@@ -509,8 +567,22 @@ def test_seed_errors_name_the_problem_and_leave_no_mount(daemon, vols, image_lay
         mount_pb2.Mount(type="overlay", source="overlay", options=["lowerdir=/nonexistent/a:/nonexistent/b"])
     ]
     code, message = error_of(lambda: vols.seed("target", broken, "/data"))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "mount" in message
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith("mounting the rootfs: mount ")
     assert_no_seed_mounts(daemon)
+    # what is not an image's root filesystem is refused, before or right after mounting it
+    for bad, expected in [
+        (
+            [mount_pb2.Mount(type="proc", source="proc")],
+            'rootfs mount type "proc" is not an image filesystem',
+        ),
+        ([mount_pb2.Mount(type="bind", source="/proc", options=["rbind"])], 'rootfs is a "proc" filesystem'),
+        ([mount_pb2.Mount(type="none", source="/srv")], 'rootfs mount of type "none" must be a bind mount'),
+        ([mount_pb2.Mount(type="bind", source="/", options=["remount"])], 'option "remount" is not allowed'),
+        ([mount_pb2.Mount(type="bind", source="", options=["rbind"])], 'rootfs mount source "" is not'),
+    ]:
+        code, message = error_of(lambda bad=bad: vols.seed("target", bad, "/self"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in message, message
+        assert_no_seed_mounts(daemon)
 
     code, message = error_of(lambda: vols.seed("target", rootfs, "data"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and 'path "data" must be an absolute path' in message
