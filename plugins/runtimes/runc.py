@@ -187,10 +187,11 @@ class RuncTask(Shim):
 
     async def create(self, request: api.CreateRequest) -> int:
         self.init.stdio = request.stdio
-        await asyncio.to_thread(self.rootfs.mkdir, mode=0o711, exist_ok=True)
         if request.rootfs:
             core = [CoreMount(m.type, m.source, m.target, list(m.options)) for m in request.rootfs]
-            await bundles.mount_rootfs(core, self.rootfs)
+            await bundles.mount_rootfs(core, self.rootfs)  # makes the directory too
+        else:
+            await asyncio.to_thread(self.rootfs.mkdir, mode=0o711, exist_ok=True)
         args = ["create", "--bundle", str(self.bundle), "--pid-file", str(self.bundle / "init.pid")]
         if request.stdio.terminal:
             args += ["--console-socket", CONSOLE_PLACEHOLDER]

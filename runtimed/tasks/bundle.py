@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno as errno_codes
 import json
 import os
 import shutil
@@ -76,6 +77,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC = 0x20, 0x1000, 0x4000
 MNT_DETACH = 0x2
+EPERM, ENOENT, EBUSY, EINVAL = errno_codes.EPERM, errno_codes.ENOENT, errno_codes.EBUSY, errno_codes.EINVAL
 _FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
 _NO_FLAGS = {"rw", "suid", "dev", "exec"}
 
@@ -112,35 +114,47 @@ def _mount_directly(mount: Mount, target: str) -> bool:
 
 
 async def mount_rootfs(rootfs: Sequence[Mount], target: str | os.PathLike[str]) -> None:
-    """Mount a task's rootfs mounts, in order, on target; undo them all if one fails."""
-    if len(rootfs) == 1:
-        try:
-            if await asyncio.to_thread(_mount_directly, rootfs[0], os.fspath(target)):
-                return
-        except OSError as exc:
-            raise mounts.MountError(str(exc)) from None
+    """Create target (0711) and mount a task's rootfs mounts on it, in order; undo them all if
+    one fails. The common case (one overlay or bind mount) is one hop to a thread."""
+    path = os.fspath(target)
+
+    def make_and_mount() -> bool:
+        os.makedirs(path, mode=0o711, exist_ok=True)
+        return len(rootfs) == 1 and _mount_directly(rootfs[0], path)
+
+    try:
+        if await asyncio.to_thread(make_and_mount):
+            return
+    except OSError as exc:
+        raise mounts.MountError(str(exc)) from None
     await mounts.mount_all(rootfs, target)
 
 
-def _unmount(target: str) -> None:
-    if _libc.umount2(target.encode(), 0) == 0:
-        return
-    errno = ctypes.get_errno()
-    if _libc.umount2(target.encode(), MNT_DETACH) != 0:  # busy: detach it
-        raise OSError(errno, f"umount {target}: {os.strerror(errno)}")
+def unmount_all_now(path: str) -> None:
+    """Unmount everything stacked on path (detaching what is busy), in this thread; nothing
+    mounted (or no path) is fine. umount2(2) itself tells: EINVAL is "not a mount point", so no
+    /proc/self/mountinfo to read, and bind mounts from the same filesystem count too."""
+    encoded = path.encode()
+    for _ in range(32):
+        if _libc.umount2(encoded, 0) == 0:
+            continue
+        errno = ctypes.get_errno()
+        if errno in (EINVAL, ENOENT):
+            return
+        if errno == EPERM and not is_mounted(path):  # unprivileged: nothing to do is still fine
+            return
+        if errno == EBUSY and _libc.umount2(encoded, MNT_DETACH) == 0:
+            continue
+        raise OSError(errno, f"umount {path}: {os.strerror(errno)}")
+    raise OSError(EBUSY, f"umount of {path}: still mounted after 32 unmounts")
 
 
 async def unmount_all(target: str | os.PathLike[str]) -> None:
-    """Unmount everything stacked on target (lazily when busy)."""
-    path = os.fspath(target)
-    for _ in range(32):
-        if not await asyncio.to_thread(is_mounted, path):
-            return
-        try:
-            await asyncio.to_thread(_unmount, path)
-        except OSError as exc:
-            raise Internal(str(exc)) from None
-    raise Internal(f"umount of {path}: still mounted after 32 unmounts")
+    """Unmount everything stacked on target (lazily when busy): one hop to a thread."""
+    try:
+        await asyncio.to_thread(unmount_all_now, os.fspath(target))
+    except OSError as exc:
+        raise Internal(str(exc)) from None
 
 
 def make_directory(bundle: Path) -> None:
@@ -156,14 +170,15 @@ def make_directory(bundle: Path) -> None:
 
 
 async def remove(bundle: Path) -> None:
-    """Remove a task's directory; its rootfs is unmounted first and only ever rmdir'ed."""
-    rootfs = bundle / ROOTFS
-    if rootfs.exists():
-        await unmount_all(rootfs)
-        if await asyncio.to_thread(is_mounted, rootfs):
-            raise Internal(f"rootfs {rootfs} is still mounted; not removing task directory {bundle}")
+    """Remove a task's directory; its rootfs is unmounted first and only ever rmdir'ed. One hop
+    to a thread."""
 
-    def remove_files() -> None:
+    def remove_now() -> None:
+        try:
+            unmount_all_now(str(bundle / ROOTFS))
+        except OSError as exc:
+            message = f"rootfs of {bundle} is still mounted ({exc}); not removing the task directory"
+            raise Internal(message) from None
         with contextlib.suppress(FileNotFoundError):
             (bundle / TASK_RECORD).unlink()  # first: from here on the directory is debris
         for entry in list(os.scandir(bundle)) if bundle.exists() else []:
@@ -181,4 +196,4 @@ async def remove(bundle: Path) -> None:
         with contextlib.suppress(OSError):
             bundle.parent.rmdir()  # the namespace directory, when it was the last task
 
-    await asyncio.to_thread(remove_files)
+    await asyncio.to_thread(remove_now)
