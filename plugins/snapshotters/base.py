@@ -33,7 +33,7 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -377,13 +377,49 @@ class LocalSnapshotter(Snapshotter):
             conn.execute("DELETE FROM snapshots WHERE id = ?", (record.id,))
             return record.id
 
-        snapshot_id = await finish_despite_cancel(self._meta.write(delete))
+        try:
+            snapshot_id = await finish_despite_cancel(self._meta.write(delete))
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc):
+                raise
+            snapshot_id = await self._remove_on_full_disk(namespace, key, delete, exc)
         self._log.debug("snapshot removed", namespace=namespace, key=key, id=snapshot_id)
         # The row is gone for good; a directory this fails to remove is an orphan for cleanup().
         try:
             await finish_despite_cancel(asyncio.to_thread(_discard, self.snapshot_dir(snapshot_id)))
         except OSError as exc:
             self._log.warning("snapshot directory left for cleanup", id=snapshot_id, error=str(exc))
+
+    async def _remove_on_full_disk(
+        self, namespace: str, key: str, delete: Callable[[sqlite3.Connection], int], exc: Exception
+    ) -> int:
+        """Remove an active or view snapshot when the disk is too full to delete its row.
+
+        Often this very snapshot filled the disk (a container writing until ENOSPC): empty its
+        directory first, which the removal was about to discard anyway, then delete the row.
+        The row keeps its (empty) directory throughout, so a crash in between stays consistent.
+        A committed snapshot is never emptied before its row is gone.
+        """
+
+        def find(conn: sqlite3.Connection) -> Record:
+            record = store.require(conn, namespace, key)
+            if store.has_children(conn, record.id):
+                raise FailedPrecondition("cannot remove snapshot with child")
+            return record
+
+        record = await self._meta.read(find)
+        if record.info.kind == Kind.COMMITTED:
+            raise exc
+        self._log.warning("disk full: emptying snapshot before removing it", key=key, id=record.id)
+
+        def empty(directory: Path) -> None:
+            for part in ("fs", "work"):
+                with contextlib.suppress(FileNotFoundError):
+                    for entry in os.scandir(directory / part):
+                        fsutil.remove_tree(Path(entry.path))
+
+        await finish_despite_cancel(asyncio.to_thread(empty, self.snapshot_dir(record.id)))
+        return await finish_despite_cancel(self._meta.write(delete))
 
     async def update(self, namespace: str, info: Info, paths: Sequence[str] = ()) -> Info:
         identifiers.validate(namespace, "namespace")
