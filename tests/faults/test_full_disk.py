@@ -244,3 +244,34 @@ def test_container_filling_its_snapshot(small_disk_daemon, tmp_path):
         cleanup(daemon, [namespace])
     assert not leaks(daemon, [namespace])
     assert abs(free_bytes(daemon.root) - before) < 1 << 20
+
+
+def test_removing_the_container_that_filled_the_disk(small_disk_daemon, tmp_path):
+    """The usual way out of a full disk: kill the container that filled it and remove it with
+    its snapshot, while the disk is still full (the snapshotter's row cannot be deleted until
+    the snapshot's files are gone; it empties the snapshot first)."""
+    daemon = small_disk_daemon
+    namespace = unique_namespace("fill")
+    before = free_bytes(daemon.root)
+    rig = TaskRig(daemon.address, namespace, tmp_path)
+    try:
+        fill = "i=0; while cat /bin/busybox >> /f$((i / 16)); do i=$((i + 1)); done; sleep 300"
+        rig.container("filler", ["sh", "-c", fill])
+        rig.create_task("filler")
+        rig.start("filler")
+        deadline = time.monotonic() + 60
+        while free_bytes(daemon.root) > 1 << 20:
+            assert time.monotonic() < deadline, "the container never filled the disk"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        rig.kill("filler")
+        assert rig.wait("filler") == 137
+        rig.delete_task("filler")
+        rig.remove_container("filler")  # Containers.Delete, then Snapshots.Remove on the full disk
+        assert free_bytes(daemon.root) > 64 << 20
+        assert_intact(daemon)
+    finally:
+        rig.close()
+        cleanup(daemon, [namespace])
+    assert not leaks(daemon, [namespace])
+    assert abs(free_bytes(daemon.root) - before) < 1 << 20
