@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,6 +340,43 @@ def test_built_image_pushes_and_pulls_back_in_another_namespace(rt, tmp_path, da
         other.ok("pull", remote)  # the daemon verifies every blob, and every diff_id while unpacking
         assert other.run_image(remote) == (0, "hello from app\nbuilt by RUN\n/app\n")
         assert other.documents(remote) == rt.documents("docker.io/library/app:v1")
+    finally:
+        reap_leftovers(daemon.state, [other.namespace])
+        other.close()
+
+
+def test_interrupted_run_leaves_nothing(rt, tmp_path, daemon):
+    context = write(tmp_path / "slow", {"Dockerfile": "FROM busybox:local\nRUN echo started; sleep 60\n"})
+    before = rt.snapshots()
+    process = rt.popen("build", "-t", "slow:v1", str(context))
+    try:
+        lines = []
+        while "started\n" not in lines:
+            line = process.stdout.readline()
+            assert line, (lines, process.stderr.read())
+            lines.append(line)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert rt.image("docker.io/library/slow:v1") is None
+    assert rt.containers() == []
+    assert rt.snapshots() == before and rt.cache_chains() == set()
+    assert not mounts_under(daemon.state / TASK_STATE)
+
+
+def test_from_pulls_a_missing_image(rt, tmp_path, daemon, registry):
+    remote = registry.ref(f"build/busybox-{os.getpid()}", "v1")
+    rt.ok("push", BUSYBOX, remote)
+    other = Builder(daemon, tmp_path / "other")
+    try:
+        context = write(tmp_path / "pull", {"Dockerfile": f"FROM {remote}\nRUN echo ran on the $((6*7))\n"})
+        result = other.build(context, "-t", "pulled:v1")
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert "ran on the 42" in result.stdout
+        assert other.image_names() == sorted(["docker.io/library/pulled:v1", remote])
     finally:
         reap_leftovers(daemon.state, [other.namespace])
         other.close()
