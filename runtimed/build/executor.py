@@ -304,8 +304,9 @@ class Builder:
         else:
             stage = self._base_image(name)
         stage.name = alias
-        self.stages.append(stage)
         self.aliases[alias.lower()] = stage
+        self.aliases[str(len(self.stages))] = stage  # COPY --from=0 works for named stages too
+        self.stages.append(stage)
         return stage
 
     def _base_image(self, name: str) -> Stage:
@@ -326,6 +327,8 @@ class Builder:
         manifest = manifests.parse_manifest(data)
         config_data = self.daemon.read(manifest.config.digest)
         config = manifests.parse_config(config_data)
+        for blob in (manifest_digest, manifest.config.digest, *(layer.digest for layer in manifest.layers)):
+            self.daemon.lease_content(blob)  # the base image may be removed while this build runs
         self._unpack(manifest.layers, config.diff_ids, manifest.config.digest)
         image = dict(config.raw)
         image.setdefault("config", {})
@@ -497,7 +500,9 @@ class Builder:
         if record.descriptor is None:
             self._history(stage, text, empty=True)
             return
+        # Leased as well as cached: a `builder prune` meanwhile cannot take what this image needs.
         self.daemon.lease_snapshot(self.options.snapshotter, record.chain_id)
+        self.daemon.lease_content(record.descriptor.digest)
         stage.layers.append(record.descriptor)
         stage.diff_ids.append(record.diff_id)
         stage.created = record.created
@@ -579,7 +584,7 @@ class Builder:
                         groups.append((source, list(context.entries(source))))
             except (NotFound, InvalidArgument) as exc:
                 raise StepFailed(f"{keyword} failed: {exc.reason}") from None
-            multiple = len(groups) > 1 or any(re.search(r"[*?\[]", s) for s in sources_text)
+            multiple = len(groups) > 1 or len(sources_text) > 1
             if multiple and not dest.endswith("/"):
                 raise StepFailed(
                     f"When using {keyword} with more than one source file, the destination must be a "

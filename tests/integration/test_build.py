@@ -261,9 +261,10 @@ def test_multi_stage_copy_from(rt, tmp_path):
         {
             "Dockerfile": (
                 "FROM busybox:local AS builder\n"
-                "RUN echo compiled > /artifact\n"
+                'RUN ["sh", "-c", "echo compiled > /artifact"]\n'
                 "FROM scratch\n"
-                "COPY --from=builder /bin/busybox /artifact /out/\n"
+                "COPY --from=builder /bin/busybox /out/\n"
+                "COPY --from=0 /artifact /out/\n"
                 'CMD ["/out/busybox", "cat", "/out/artifact"]\n'
             )
         },
@@ -271,7 +272,7 @@ def test_multi_stage_copy_from(rt, tmp_path):
     result = rt.build(context, "-t", "multi:v1")
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert rt.run_image("docker.io/library/multi:v1") == (0, "compiled\n")
-    assert len(rt.documents("docker.io/library/multi:v1")[0]["layers"]) == 1
+    assert len(rt.documents("docker.io/library/multi:v1")[0]["layers"]) == 2
 
 
 def test_unknown_instruction_builds_nothing(rt, tmp_path):
