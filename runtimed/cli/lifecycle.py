@@ -35,6 +35,7 @@ from runtimed.cli.run import (
     STOP_SIGNAL_LABEL,
     InvokeError,
     Services,
+    attached_log,
     create_task,
     delete_task_quietly,
     image_info,
@@ -464,7 +465,9 @@ def start_command(ctx: Context, args: argparse.Namespace) -> int:
             raise CLIError(f"container {name} is already running")
         stubs.call("Delete", stubs.pb.DeleteTaskRequest(container_id=name))
     terminal = bool((json.loads(container.spec.value or b"{}").get("process") or {}).get("terminal"))
-    attachment = Attachment(name, stdin=args.interactive or terminal, terminal=terminal)
+    attachment = Attachment(
+        name, stdin=args.interactive or terminal, terminal=terminal, log=attached_log(container)
+    )
     try:
         try:
             create_task(ctx, services, stubs, container, attachment=attachment)

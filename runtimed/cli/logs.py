@@ -5,7 +5,8 @@ and finds the file through the container's `runtimed/log-uri` label, which names
 log_dir the daemon's task plugin exports. The file is written by the container's shim (see
 shim.stdio): JSON lines {"log", "stream", "time"} (docker's json-file records), or raw text for a
 process with a terminal. stdout records go to our stdout, stderr records to our stderr. The file
-outlives daemon restarts and is removed with the container (`rm`, `run --rm`).
+outlives daemon restarts and is removed with the container (`rm`, `run --rm`). Attached runs
+(`run` without -d or --rm, `start -a`) are logged too: runtimectl appends what it copies.
 
 -f follows the file until the container's task has exited (and everything it wrote is shown).
 """
@@ -91,7 +92,7 @@ def logs_command(ctx: Context, args: argparse.Namespace) -> int:
     container = get_container(ctx, args.name)
     path = log_path_of(container)
     if not path:
-        raise CLIError(f"container {args.name} keeps no log (it was run attached, or with --null-io)")
+        raise CLIError(f"container {args.name} keeps no log (--null-io, or made by another client)")
     printer = Printer(args.timestamps)
     try:
         handle: BinaryIO = open(path, "rb")  # noqa: SIM115 - kept open while following

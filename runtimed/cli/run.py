@@ -37,6 +37,7 @@ from runtimed.cli.common import ERROR_EXIT, CLIError, Context, report
 from runtimed.cli.names import generate_name, validate_name
 from runtimed.cli.tasks import (
     Attachment,
+    LogCopy,
     Stubs,
     forwarding_signals,
     raw_terminal,
@@ -448,6 +449,17 @@ def log_uri_for(ctx: Context, name: str, terminal: bool) -> str:
     return f"file://{path}" if terminal else f"file://{path}?format=jsonl"
 
 
+def attached_log(container: Any) -> LogCopy | None:
+    """Where an attached process's output is also kept, so that `logs` shows it later."""
+    path = log_path_of(container)
+    if not path:
+        return None
+    try:
+        return LogCopy(path, jsonl="format=jsonl" in container.labels.get(LABEL_LOG_URI, ""))
+    except OSError:
+        return None  # not on the daemon's host, or not root: the run goes on without
+
+
 def log_path_of(container: Any) -> str:
     from urllib.parse import unquote, urlsplit
 
@@ -808,7 +820,8 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
     detached = args.detach
     try:
         if not detached and not args.null_io:
-            attachment = Attachment(name, stdin=args.interactive or args.tty, terminal=args.tty)
+            log = None if args.rm else attached_log(container)
+            attachment = Attachment(name, stdin=args.interactive or args.tty, terminal=args.tty, log=log)
         try:
             create_task(ctx, services, stubs, container, attachment=attachment, null_io=args.null_io)
         except InvokeError as exc:

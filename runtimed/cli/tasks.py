@@ -154,27 +154,69 @@ def fifo_root() -> Path:
     raise CLIError("no writable directory for the process's FIFOs")
 
 
-class Attachment:
-    """The FIFOs of one process, copied to and from our own stdio."""
+class LogCopy:
+    """What an attached process writes, also appended to its container's log file (docker keeps
+    logs of attached runs too): JSON lines as the shim writes them (shim.stdio), raw for a terminal."""
 
-    def __init__(self, name: str, *, stdin: bool, terminal: bool) -> None:
+    def __init__(self, path: str, jsonl: bool) -> None:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.jsonl = jsonl
+        self.partial: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+
+    def write(self, stream: str, data: bytes, final: bool = False) -> None:
+        if not self.jsonl:
+            if data:
+                with contextlib.suppress(OSError):
+                    os.write(self.fd, data)
+            return
+        import time
+
+        ns = time.time_ns()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
+        *lines, rest = (self.partial.get(stream, b"") + data).split(b"\n")
+        pieces = [line + b"\n" for line in lines] + ([rest] if final and rest else [])
+        self.partial[stream] = b"" if final else rest
+        records = b"".join(
+            json.dumps({"log": piece.decode("utf-8", "replace"), "stream": stream, "time": stamp}).encode()
+            + b"\n"
+            for piece in pieces
+        )
+        if records:
+            with self.lock, contextlib.suppress(OSError):
+                os.write(self.fd, records)
+
+    def close(self) -> None:
+        for stream in list(self.partial):
+            self.write(stream, b"", final=True)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class Attachment:
+    """The FIFOs of one process, copied to and from our own stdio (and to a log, if given)."""
+
+    def __init__(self, name: str, *, stdin: bool, terminal: bool, log: LogCopy | None = None) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="rtctl-", dir=fifo_root()))
         self.terminal = terminal
+        self.log = log
         self.stdin = str(self.directory / f"{name}-stdin") if stdin else ""
         self.stdout = str(self.directory / f"{name}-stdout")
         self.stderr = "" if terminal else str(self.directory / f"{name}-stderr")
         for path in (self.stdin, self.stdout, self.stderr):
             if path:
                 os.mkfifo(path, 0o600)
-        self._threads = [self._copy_out(self.stdout, sys.stdout)]
+        self._threads = [self._copy_out(self.stdout, sys.stdout, "stdout")]
         if self.stderr:
-            self._threads.append(self._copy_out(self.stderr, sys.stderr))
+            self._threads.append(self._copy_out(self.stderr, sys.stderr, "stderr"))
         if self.stdin:
             threading.Thread(target=self._copy_in, daemon=True).start()
 
-    def _copy_out(self, path: str, target: Any) -> threading.Thread:
+    def _copy_out(self, path: str, target: Any, stream: str) -> threading.Thread:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # before the process exists, like ctr
         out = target.fileno()
+        log = self.log
 
         def copy() -> None:
             try:
@@ -190,6 +232,8 @@ class Attachment:
                         return
                     with contextlib.suppress(OSError):
                         os.write(out, data)
+                    if log is not None:
+                        log.write(stream, data)
             finally:
                 os.close(fd)
 
@@ -215,6 +259,9 @@ class Attachment:
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
 
 @contextlib.contextmanager

@@ -540,3 +540,57 @@ async def test_run_pulls_a_missing_image(daemon, registry):
     finally:
         leftovers = reap_leftovers(daemon.state, [namespace])
     assert not leftovers, f"test left {leftovers}"
+
+
+def test_attached_runs_forward_signals_and_are_logged(rtctl, daemon):
+    # An attached run (no --rm) is logged as a detached one is.
+    result = rtctl(
+        "run",
+        "--name",
+        "attached",
+        "busybox",
+        "sh",
+        "-c",
+        "echo to-out; echo to-err >&2; exit 4",
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (4, "to-out\n", "to-err\n")
+    logs = rtctl("logs", "attached")
+    assert (logs.stdout, logs.stderr) == ("to-out\n", "to-err\n")
+    assert ps_rows(rtctl, "-a")["attached"]["Status"].startswith("Exited (4)")
+    rtctl("rm", "attached")
+
+    # Signals to runtimectl reach the process; its exit status is runtimectl's.
+    argv = [
+        sys.executable,
+        "-m",
+        "runtimed.cli.main",
+        "-a",
+        daemon.address,
+        "-n",
+        rtctl.namespace,
+        "run",
+        "--rm",
+        "--name",
+        "sig",
+        "busybox",
+        "sh",
+        "-c",
+        "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 0.1; done",
+    ]
+    client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        assert client.stdout.readline() == "ready\n"
+        client.send_signal(signal.SIGTERM)
+        out, _ = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert (client.returncode, out) == (7, "got TERM\n")
+    assert rtctl("ps", "-aq").stdout == ""
+
+    # A detached process with a terminal logs raw text.
+    rtctl("run", "-d", "-t", "--name", "tty", "busybox", "sh", "-c", "tty; sleep 300")
+    wait_for(lambda: "/dev/pts/0" in rtctl("logs", "tty").stdout, what="the terminal's output")
+    rtctl("rm", "-f", "tty")
