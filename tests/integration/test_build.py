@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import signal
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -381,3 +383,19 @@ def test_from_pulls_a_missing_image(rt, tmp_path, daemon, registry):
     finally:
         reap_leftovers(daemon.state, [other.namespace])
         other.close()
+
+
+@pytest.mark.skipif(shutil.which("ctr") is None, reason="needs containerd's ctr")
+def test_ctr_checks_and_runs_a_built_image(rt, tmp_path, daemon):
+    assert rt.build(app_context(tmp_path), "-t", "app:v1").returncode == 0
+    ctr = ["ctr", "-a", daemon.address, "-n", rt.namespace]
+    check = subprocess.run([*ctr, "images", "check"], capture_output=True, text=True, timeout=60)
+    row = next(line for line in check.stdout.splitlines() if line.startswith("docker.io/library/app:v1"))
+    assert "complete (5/5)" in row and row.split()[-1] == "true"  # config and 4 layers present, unpacked
+    run = subprocess.run(
+        [*ctr, "run", "--rm", "docker.io/library/app:v1", "ctr-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (run.returncode, run.stdout) == (0, "hello from app\nbuilt by RUN\n/app\n")
