@@ -697,9 +697,10 @@ def remove_container(ctx: Context, services: Services, container_id: str) -> Non
                 metadata=services.md,
             )
     path = log_path_of(container)
-    if path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    if path and path.endswith(f"/{ctx.namespace}/{container_id}.log"):
+        with contextlib.suppress(Exception):  # the daemon's log of it, not a --log-uri of the user's
+            if path == f"{log_dir(ctx)}/{ctx.namespace}/{container_id}.log":
+                os.unlink(path)
 
 
 # -- the task ----------------------------------------------------------------------------------

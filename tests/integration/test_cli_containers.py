@@ -594,3 +594,40 @@ def test_attached_runs_forward_signals_and_are_logged(rtctl, daemon):
     rtctl("run", "-d", "-t", "--name", "tty", "busybox", "sh", "-c", "tty; sleep 300")
     wait_for(lambda: "/dev/pts/0" in rtctl("logs", "tty").stdout, what="the terminal's output")
     rtctl("rm", "-f", "tty")
+
+
+def test_stop_uses_the_image_stop_signal_then_sigkill(rtctl):
+    # configured's image config says StopSignal SIGUSR1.
+    script = "trap 'echo usr1; exit 3' USR1; while true; do sleep 0.1; done"
+    rtctl("run", "-d", "--name", "usr", "--entrypoint", "sh", CONFIGURED, "-c", script)
+    time.sleep(0.3)
+    rtctl("stop", "usr")
+    assert ps_rows(rtctl, "-a")["usr"]["Status"].startswith("Exited (3)")
+    wait_for(lambda: rtctl("logs", "usr").stdout == "usr1\n", what="the trap's output")
+
+    # A process that ignores its stop signal is killed after -t seconds.
+    rtctl(
+        "run",
+        "-d",
+        "--name",
+        "stubborn",
+        "busybox",
+        "sh",
+        "-c",
+        "trap '' TERM; while true; do sleep 0.1; done",
+    )
+    time.sleep(0.3)
+    started = time.monotonic()
+    rtctl("stop", "-t", "1", "stubborn")
+    assert 0.9 < time.monotonic() - started < 10
+    assert ps_rows(rtctl, "-a")["stubborn"]["Status"].startswith(f"Exited ({128 + signal.SIGKILL})")
+
+    # exec -d leaves its process running; -i feeds stdin.
+    rtctl("start", "stubborn")
+    rtctl("exec", "-d", "stubborn", "sh", "-c", "echo detached > /tmp/mark")
+    wait_for(
+        lambda: rtctl("exec", "stubborn", "cat", "/tmp/mark", check=False).stdout == "detached\n",
+        what="the detached exec",
+    )
+    assert rtctl("exec", "-i", "stubborn", "cat", input="piped\n").stdout == "piped\n"
+    rtctl("rm", "-f", "usr", "stubborn")
