@@ -399,3 +399,85 @@ def test_ctr_checks_and_runs_a_built_image(rt, tmp_path, daemon):
         timeout=60,
     )
     assert (run.returncode, run.stdout) == (0, "hello from app\nbuilt by RUN\n/app\n")
+
+
+def test_copy_and_add_never_leave_the_image(rt, tmp_path):
+    marker = f"runtimed-build-escape-{os.getpid()}"
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo(f"inside/{marker}")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"ok"))
+    context = write(
+        tmp_path / "escape",
+        {
+            "Dockerfile": (
+                "FROM busybox:local\n"
+                "RUN mkdir -p /etc /deep/a && ln -s /tmp /evil && ln -s ../../../../../../tmp /deep/a/up\n"
+                f"COPY f.txt /evil/{marker}\n"
+                f"COPY f.txt /deep/a/up/{marker}.2\n"
+                "ADD plain.tar /evil/\n"
+                f'CMD ["cat", "/tmp/{marker}", "/tmp/{marker}.2", "/tmp/inside/{marker}"]\n'
+            ),
+            "f.txt": "in the image\n",
+        },
+    )
+    (context / "plain.tar").write_bytes(archive.getvalue())
+    result = rt.build(context, "-t", "escape:v1")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert not Path(f"/tmp/{marker}").exists() and not Path(f"/tmp/{marker}.2").exists()
+    assert not Path(f"/tmp/inside/{marker}").exists()
+    assert rt.run_image("docker.io/library/escape:v1") == (0, "in the image\nin the image\nok")
+
+
+def test_add_refuses_an_archive_entry_outside_the_destination(rt, tmp_path):
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo("../../escape.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    context = write(tmp_path / "dotdot", {"Dockerfile": "FROM busybox:local\nADD bad.tar /opt/\n"})
+    (context / "bad.tar").write_bytes(archive.getvalue())
+    before = rt.snapshots()
+    result = rt.build(context, "-t", "dotdot:v1")
+    assert result.returncode == 1 and "points outside the destination" in result.stderr
+    assert rt.snapshots() == before and rt.image("docker.io/library/dotdot:v1") is None
+
+
+def test_config_instructions(rt, tmp_path):
+    context = write(
+        tmp_path / "config",
+        {
+            "Dockerfile": (
+                "FROM busybox:local\n"
+                "MAINTAINER someone\n"
+                'SHELL ["/bin/sh", "-ec"]\n'
+                'ENTRYPOINT ["/bin/sh", "-c"]\n'
+                "USER 1000:1000\n"
+                "EXPOSE 80 53/udp 8000-8001\n"
+                'VOLUME ["/data", "/logs"]\n'
+                "VOLUME /cache /tmp\n"
+                "STOPSIGNAL SIGQUIT\n"
+                "HEALTHCHECK --interval=30s --retries=3 CMD wget -q localhost || exit 1\n"
+                "ONBUILD RUN echo later\n"
+                "CMD echo shell form\n"
+            )
+        },
+    )
+    result = rt.build(context, "-t", "config:v1")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    manifest, config = rt.documents("docker.io/library/config:v1")
+    assert len(manifest["layers"]) == 1  # the base's only: every step here is config
+    image = config["config"]
+    assert config["author"] == "someone"
+    assert image["Entrypoint"] == ["/bin/sh", "-c"] and image["Cmd"] == ["/bin/sh", "-ec", "echo shell form"]
+    assert image["User"] == "1000:1000" and image["StopSignal"] == "SIGQUIT"
+    assert image["ExposedPorts"] == {"80/tcp": {}, "53/udp": {}, "8000/tcp": {}, "8001/tcp": {}}
+    assert image["Volumes"] == {"/data": {}, "/logs": {}, "/cache": {}, "/tmp": {}}
+    assert image["Healthcheck"] == {
+        "Test": ["CMD-SHELL", "wget -q localhost || exit 1"],
+        "Interval": 30 * 10**9,
+        "Retries": 3,
+    }
+    assert image["OnBuild"] == ["RUN echo later"] and image["Shell"] == ["/bin/sh", "-ec"]
+    assert all(h.get("empty_layer") for h in config["history"][1:])
