@@ -676,7 +676,7 @@ class Builder:
             uid, gid, extra = state["user"]
             process = spec["process"]
             process["args"] = command
-            process["env"] = specs._merge_env(process["env"], run_env)
+            process["env"] = merge_env(process["env"], run_env)
             process["cwd"] = cwd
             process["user"] = {"uid": uid, "gid": gid, **({"additionalGids": extra} if extra else {})}
             if network == "host":
@@ -768,6 +768,16 @@ class Builder:
         if unused:
             warnings.append(f"[Warning] One or more build-args [{' '.join(unused)}] were not consumed")
         return Result(config_digest, target, tags, warnings)
+
+
+def merge_env(base: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """Later NAME=VALUE entries replace earlier ones of the same name (containerd's rule)."""
+    merged = {entry.partition("=")[0]: entry for entry in base}
+    for entry in extra:
+        name = entry.partition("=")[0]
+        merged.pop(name, None)
+        merged[name] = entry
+    return list(merged.values())
 
 
 def normalised(name: str) -> str:

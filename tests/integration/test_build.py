@@ -275,6 +275,13 @@ def test_multi_stage_copy_from(rt, tmp_path):
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert rt.run_image("docker.io/library/multi:v1") == (0, "compiled\n")
     assert len(rt.documents("docker.io/library/multi:v1")[0]["layers"]) == 2
+    target = rt.build(context, "--target", "builder", "-t", "first:v1")
+    assert target.returncode == 0 and "Step 3/" not in target.stdout
+    assert rt.run_image("docker.io/library/first:v1", ["cat", "/artifact"], container_id="run2") == (
+        0,
+        "compiled\n",
+    )
+    assert rt.build(context, "--target", "nosuch").returncode == 125
 
 
 def test_unknown_instruction_builds_nothing(rt, tmp_path):
