@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from google.protobuf.message import DecodeError
 
 from runtimed import filters, labels
 from runtimed.api.runtimed.services.volumes.v1 import volumes_pb2 as events_pb2
@@ -192,6 +194,13 @@ class VolumeStore:
     def _recover(self, recorded: set[tuple[str, str]]) -> None:
         """Make the directories match the records: what a crash left half-done goes."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for leftover in sorted(self.state.glob("seed-*")) if self.state.is_dir() else []:
+            mountlib.unmount_all(leftover, len(fs.mounts_at_or_below(leftover)))
+            if fs.mounts_at_or_below(leftover):
+                log.warning("a seed mount left by a crash is still mounted", path=str(leftover))
+                continue
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
         for special in (TMP, TRASH):
             (self.root / special).mkdir(mode=0o700, exist_ok=True)
             for entry in list((self.root / special).iterdir()):
@@ -254,7 +263,7 @@ class VolumeStore:
             try:
                 spec = decode_any(blob)
                 document = json.loads(spec.value) if spec is not None else None
-            except ValueError:
+            except (ValueError, DecodeError):
                 continue  # not a JSON runtime spec: it mounts nothing we know of
             mounts = document.get("mounts") if isinstance(document, dict) else None
             sources = [
@@ -425,14 +434,16 @@ class VolumeStore:
         if not path.startswith("/") or "\x00" in path:
             raise InvalidArgument(f"seed volume {q(name)}: path {q(path)} must be an absolute path")
         async with self._locked(namespace, name):
-            await self.get(namespace, name)  # NotFound before any mounting
-            copied = await asyncio.to_thread(self._seed, self.directory(namespace, name), list(rootfs), path)
+            volume = await self.get(namespace, name)  # NotFound before any mounting
+            copied = await asyncio.to_thread(
+                self._seed, self.directory(namespace, name), list(rootfs), path, bool(volume.used_by)
+            )
         log.info(
             "volume seeded" if copied else "volume not seeded", namespace=namespace, volume=name, path=path
         )
         return copied
 
-    def _seed(self, directory: Path, rootfs: list[Mount], path: str) -> bool:
+    def _seed(self, directory: Path, rootfs: list[Mount], path: str, in_use: bool) -> bool:
         volume_fd = os.open(directory, fs.DIR_FLAGS)
         try:
             data_fd = os.open(DATA, fs.DIR_FLAGS, dir_fd=volume_fd)
@@ -442,7 +453,7 @@ class VolumeStore:
                 with self._mounted(rootfs) as target:
                     root_fd = os.open(target, fs.DIR_FLAGS)
                     try:
-                        return self._copy_up(directory, volume_fd, data_fd, root_fd, path)
+                        return self._copy_up(directory, volume_fd, data_fd, root_fd, path, in_use)
                     finally:
                         os.close(root_fd)
             finally:
@@ -450,7 +461,11 @@ class VolumeStore:
         finally:
             os.close(volume_fd)
 
-    def _copy_up(self, directory: Path, volume_fd: int, data_fd: int, root_fd: int, path: str) -> bool:
+    def _copy_up(
+        self, directory: Path, volume_fd: int, data_fd: int, root_fd: int, path: str, in_use: bool
+    ) -> bool:
+        """Copy into a staging directory beside _data, then make it _data in one rename (or, when a
+        container may have _data mounted, move its entries in: the mounted directory must stay)."""
         resolved = fs.resolve_in_root(root_fd, path)
         if resolved is None:
             return False
@@ -469,12 +484,22 @@ class VolumeStore:
                     fs.copy_tree(source_fd, staging_fd)
                     if not fs.is_empty_dir(data_fd):  # someone wrote into it meanwhile: theirs wins
                         return False
-                    for entry in sorted(os.listdir(staging_fd)):
-                        os.rename(entry, entry, src_dir_fd=staging_fd, dst_dir_fd=data_fd)
-                    fs.apply_attributes(source_fd, data_fd, os.fstat(source_fd))
-                    return True
+                    if in_use:
+                        for entry in sorted(os.listdir(staging_fd)):
+                            os.rename(entry, entry, src_dir_fd=staging_fd, dst_dir_fd=data_fd)
+                        fs.apply_attributes(source_fd, data_fd, os.fstat(source_fd))
+                        return True
+                    fs.apply_attributes(source_fd, staging_fd, os.fstat(source_fd))
                 finally:
                     os.close(staging_fd)
+                try:  # atomic: a crash leaves either the empty _data or the whole copy
+                    os.rename(staging, DATA, src_dir_fd=volume_fd, dst_dir_fd=volume_fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        return False
+                    raise
+                os.fsync(volume_fd)
+                return True
             finally:
                 fs.remove_tree(directory / staging)
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import stat
 import subprocess
@@ -596,6 +597,79 @@ def test_seed_errors_name_the_problem_and_leave_no_mount(daemon, vols, image_lay
     assert_no_seed_mounts(daemon)
     # and it still works afterwards
     assert vols.seed("target", rootfs, "/data") is True
+
+
+@needs_root
+@pytest.mark.root
+def test_seed_of_a_volume_in_use_keeps_its_directory(daemon, vols, image_layers):
+    """A container may have _data mounted already: the copy goes into that very directory."""
+    volume = vols.create("used")
+    vols.container_mounting("holder", volume.mountpoint)
+    before = os.stat(volume.mountpoint).st_ino
+    assert vols.seed("used", image_layers.view("view4", "layer2"), "/data") is True
+    assert os.stat(volume.mountpoint).st_ino == before
+    assert Path(volume.mountpoint, "config").read_text() == "from layer 2"
+    assert stat.S_IMODE(os.stat(volume.mountpoint).st_mode) == 0o750
+    assert sorted(os.listdir(Path(volume.mountpoint).parent)) == ["_data"]
+    assert_no_seed_mounts(daemon)
+    vols.delete_container("holder")
+
+
+@needs_root
+@pytest.mark.root
+def test_kill_9_during_creates_seeds_and_removes_leaves_a_consistent_store(daemon_factory):
+    """Every volume after a restart is whole: recorded and on disk, empty or completely seeded."""
+    rng = random.Random(20261128)
+    daemon = daemon_factory().start()
+    files = 300
+    with grpc.insecure_channel(f"unix://{daemon.socket_path}") as channel:
+        rig = SnapshotRig(channel)
+        with rig.writable("big") as root:
+            (root / "data").mkdir()
+            for i in range(files):
+                (root / "data" / f"f{i:04}").write_bytes(b"%d" % i * 200)
+        rig.commit("big-layer", "big")
+        rootfs = rig.view("big-view", "big-layer")
+    root = volumes_root(daemon)
+    counter = iter(range(10_000))
+
+    def work(stop: threading.Event) -> None:
+        with grpc.insecure_channel(f"unix://{daemon.socket_path}") as channel:
+            vols = Volumes(channel)
+            with contextlib.suppress(grpc.RpcError):
+                while not stop.is_set():
+                    name = f"v{next(counter)}"
+                    vols.create(name)
+                    vols.seed(name, rootfs, "/data")
+                    if rng.random() < 0.5:
+                        vols.remove(name)
+
+    for _ in range(6):
+        stop = threading.Event()
+        worker = threading.Thread(target=work, args=(stop,), daemon=True)
+        worker.start()
+        time.sleep(rng.uniform(0.1, 0.8))
+        daemon.kill()
+        stop.set()
+        worker.join(30)
+        daemon.start()
+        with grpc.insecure_channel(f"unix://{daemon.socket_path}") as channel:
+            names = Volumes(channel).names()
+        on_disk = sorted(os.listdir(root / "default")) if (root / "default").exists() else []
+        assert sorted(names) == on_disk
+        for name in names:
+            assert os.listdir(root / "default" / name) == ["_data"], name
+            assert len(os.listdir(root / "default" / name / "_data")) in (0, files), name
+        assert os.listdir(root / ".tmp") == [] and os.listdir(root / ".trash") == []
+        assert_no_seed_mounts(daemon)
+
+    with grpc.insecure_channel(f"unix://{daemon.socket_path}") as channel:
+        vols = Volumes(channel)
+        seeded = [n for n in vols.names() if os.listdir(vols.get(n).mountpoint)]
+        assert vols.seed(seeded[0], rootfs, "/data") is False if seeded else True
+        vols.prune()
+        assert vols.names() == []
+        SnapshotRig(channel).leases.Delete(leases_pb2.DeleteRequest(id=rig.lease), metadata=rig.md)
 
 
 @needs_root
