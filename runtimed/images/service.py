@@ -166,8 +166,12 @@ class ImageService:
         lease_id = f"{owner}-{secrets.token_hex(6)}"
         expire = rfc3339(datetime.now(UTC) + LEASE_LIFETIME)
         await self.leases.create(namespace, lease_id, {GC_EXPIRE_LABEL: expire, LEASE_OWNER_LABEL: owner})
+        failed = False
         try:
             yield lease_id
+        except BaseException:
+            failed = True
+            raise
         finally:
             try:
                 await self.leases.delete(namespace, lease_id)
@@ -175,6 +179,12 @@ class ImageService:
                 pass
             except Exception as exc:  # never hide the operation's own outcome behind this
                 log.warning("deleting lease failed", namespace=namespace, lease=lease_id, error=str(exc))
+            if failed:
+                # What the failed operation fetched or unpacked was held only by the lease, and
+                # a lease deletion publishes no event: tell the collector (as Leases.Delete does).
+                from runtimed import gc
+
+                gc.notify_deletion(self.plugins)
 
     async def lease_snapshot(self, namespace: str, lease: str, snapshotter: str, key: str) -> None:
         if lease:
