@@ -3,7 +3,8 @@
 Layout under the plugin's root (`<root>/io.runtimed.volume.v1.local`):
 
     <namespace>/<name>/_data      the mountpoint a container bind-mounts
-    <namespace>/<name>/.seed-*    a copy-up in progress (invisible to containers)
+    <namespace>/<name>/.seed-*    a copy-up in progress (invisible to containers), renamed over
+                                  the empty _data when complete
     .tmp/<random>/_data           a volume being created
     .trash/<random>               a volume being removed
 
@@ -11,7 +12,8 @@ The metadata row is the truth. Create builds the directory under .tmp and rename
 inside the transaction that inserts the row; Remove deletes the row, then moves the directory to
 .trash and deletes it. A crash at any point leaves at most a directory without a row, which the
 start-up recovery removes (and .tmp and .trash are emptied then too), so no half-made volume is
-ever visible.
+ever visible. Seed mounts live under the plugin's state directory; the start-up recovery
+unmounts any a crash left.
 
 A volume's users are the containers of its namespace whose OCI spec has a mount whose source is
 the volume's directory or inside it, whoever created them (runtimectl, ctr, any client): Remove
