@@ -488,3 +488,17 @@ def test_config_instructions(rt, tmp_path):
     }
     assert image["OnBuild"] == ["RUN echo later"] and image["Shell"] == ["/bin/sh", "-ec"]
     assert all(h.get("empty_layer") for h in config["history"][1:])
+
+
+def test_garbage_collection_keeps_cache_until_pruned(rt, tmp_path):
+    snapshots, content = rt.snapshots(), rt.content_digests()
+    assert rt.build(app_context(tmp_path), "-t", "app:v1").returncode == 0
+    rt.ok("rmi", "--sync", "app:v1")
+    cached = rt.cache_chains()
+    assert len(cached) == 3 and cached <= set(rt.snapshots())  # the records hold their snapshots
+    again = rt.build(app_context(tmp_path), "-t", "app:v1")
+    assert again.stdout.count("Using cache") == 3  # ... and their layers: the image is whole again
+    assert rt.run_image("docker.io/library/app:v1") == (0, "hello from app\nbuilt by RUN\n/app\n")
+    rt.ok("rmi", "--sync", "app:v1")
+    rt.ok("builder", "prune")
+    assert rt.snapshots() == snapshots and rt.content_digests() == content
