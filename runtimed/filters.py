@@ -70,7 +70,14 @@ import json
 import re
 import unicodedata
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
+
+try:  # Python's own regular expression parser and its opcodes
+    from re import _constants as _c
+    from re import _parser as _sre_parser
+except ImportError:  # pragma: no cover - Python < 3.11
+    import sre_constants as _c  # type: ignore[no-redef]
+    import sre_parse as _sre_parser  # type: ignore[no-redef]
 
 from runtimed.errors import InvalidArgument
 
@@ -149,7 +156,7 @@ class _NotEqual(_Selector):
 class _Matches(_Selector):
     __slots__ = ("_search",)
 
-    def __init__(self, path: tuple[str, ...], value: str, regex: re.Pattern[str]) -> None:
+    def __init__(self, path: tuple[str, ...], value: str, regex: _Searcher) -> None:
         super().__init__(path, value)
         self._search = regex.search
 
@@ -671,18 +678,265 @@ _FLAGS = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]*))?([:)])")
 _NAMED = re.compile(r"\(\?P?<([^>]*)>")
 
 
-def _compile_re2(pattern: str) -> re.Pattern[str]:
+class _Searcher(Protocol):
+    def search(self, text: str) -> object: ...
+
+
+def _compile_re2(pattern: str) -> _Searcher:
+    """A searcher for an RE2 pattern that never backtracks catastrophically.
+
+    Python's engine backtracks: ``(a|a)*b`` takes seconds on 28 characters and ``.*.*x`` on a
+    4 KiB label, holding the GIL (the whole daemon) all along. A pattern with at most one choice
+    point (one variable repetition of a body without choices, or one alternation) runs on
+    ``re``, where the worst case is quadratic and fast; any other runs on :class:`_PikeVM`, a
+    linear-time automaton simulation, as RE2 itself does.
+    """
     try:
         pattern.encode("utf-8")
     except UnicodeEncodeError:
         raise _RegexError("invalid UTF-8") from None
     translated = _Re2Translator(pattern).translate()
     try:
-        return re.compile(translated)
+        compiled = re.compile(translated)
+        if _choice_points(_sre_parser.parse(translated).data) <= 1:
+            return compiled
+        return _PikeVM(_sre_parser.parse(translated))
     except re.error as exc:
         raise _RegexError(exc.msg) from None
     except (OverflowError, RecursionError, ValueError) as exc:
         raise _RegexError(str(exc) or type(exc).__name__) from None
+
+
+def _assertions_only(items: Sequence[tuple]) -> bool:
+    """Whether an alternative only tests (the translator's \\b): exclusive, not a real choice."""
+    return bool(items) and all(op in (_c.AT, _c.ASSERT, _c.ASSERT_NOT) for op, _ in items)
+
+
+def _choice_points(items: Sequence[tuple]) -> int:
+    """How many places a backtracking engine can choose at: variable repeats and alternations."""
+    count = 0
+    for op, av in items:
+        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+            low, high, body = av
+            count += (low != high) + _choice_points(body.data) * (2 if high > 1 else 1)
+        elif op is _c.BRANCH:
+            alternatives = av[1]
+            if not all(_assertions_only(alt.data) for alt in alternatives):
+                count += 1
+            count += sum(_choice_points(alt.data) for alt in alternatives)
+        elif op in (_c.SUBPATTERN, _c.ASSERT, _c.ASSERT_NOT, _c.ATOMIC_GROUP):
+            count += _choice_points(av[-1].data)
+    return count
+
+
+_MAX_PROGRAM = 20_000  # instructions of one compiled pattern (RE2 refuses big ones too)
+
+
+class _PikeVM:
+    """Unanchored search by simulating the pattern's NFA: time linear in the text's length.
+
+    Compiled from Python's own parse of the translated pattern, so the syntax is exactly what
+    ``re`` accepted. Lookarounds occur only as the translator's one-character word-boundary
+    tests. Case folding under (?i) compares lower and upper case forms.
+    """
+
+    # Instructions: (CHAR, predicate) | (SPLIT, a, b) | (JMP, a) | (ASSERT, test) | (MATCH,)
+    _CHAR, _SPLIT, _JMP, _ASSERT, _MATCH = range(5)
+
+    def __init__(self, parsed: Any) -> None:
+        self.prog: list[list[Any]] = []
+        self._emit_seq(parsed.data, parsed.state.flags)
+        self.prog.append([self._MATCH])
+
+    # -- compilation ----------------------------------------------------------------------------
+
+    def _add(self, *instr: Any) -> int:
+        if len(self.prog) >= _MAX_PROGRAM:
+            raise _RegexError("expression too large")
+        self.prog.append(list(instr))
+        return len(self.prog) - 1
+
+    def _emit_seq(self, items: Sequence[tuple], flags: int) -> None:
+        for op, av in items:
+            self._emit(op, av, flags)
+
+    def _emit(self, op: Any, av: Any, flags: int) -> None:
+        if op in (_c.LITERAL, _c.NOT_LITERAL, _c.ANY, _c.IN):
+            self._add(self._CHAR, _char_predicate(op, av, flags))
+        elif op is _c.SUBPATTERN:
+            _group, add, delete, body = av
+            self._emit_seq(body.data, (flags | add) & ~delete)
+        elif op is _c.BRANCH:
+            alternatives = av[1]
+            jumps = []
+            for k, alt in enumerate(alternatives):
+                if k < len(alternatives) - 1:
+                    split = self._add(self._SPLIT, None, None)
+                    self.prog[split][1] = len(self.prog)
+                    self._emit_seq(alt.data, flags)
+                    jumps.append(self._add(self._JMP, None))
+                    self.prog[split][2] = len(self.prog)
+                else:
+                    self._emit_seq(alt.data, flags)
+            for jump in jumps:
+                self.prog[jump][1] = len(self.prog)
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
+            low, high, body = av
+            for _ in range(low):
+                self._emit_seq(body.data, flags)
+            if high == _c.MAXREPEAT:
+                loop = self._add(self._SPLIT, None, None)
+                self.prog[loop][1] = len(self.prog)
+                self._emit_seq(body.data, flags)
+                self._add(self._JMP, loop)
+                self.prog[loop][2] = len(self.prog)
+            else:
+                splits = []
+                for _ in range(high - low):
+                    split = self._add(self._SPLIT, None, None)
+                    self.prog[split][1] = len(self.prog)
+                    splits.append(split)
+                    self._emit_seq(body.data, flags)
+                for split in splits:
+                    self.prog[split][2] = len(self.prog)
+        elif op is _c.AT:
+            self._add(self._ASSERT, _at_test(av, flags))
+        elif op in (_c.ASSERT, _c.ASSERT_NOT):
+            direction, body = av
+            if len(body.data) != 1 or body.data[0][0] not in (_c.IN, _c.LITERAL, _c.NOT_LITERAL, _c.ANY):
+                raise _RegexError("unsupported lookaround")
+            char = _char_predicate(*body.data[0], flags)
+            wanted = op is _c.ASSERT
+            if direction < 0:
+                self._add(self._ASSERT, lambda before, after: (before != "" and char(before)) == wanted)
+            else:
+                self._add(self._ASSERT, lambda before, after: (after != "" and char(after)) == wanted)
+        else:
+            raise _RegexError(f"unsupported construct {op}")
+
+    # -- matching -------------------------------------------------------------------------------
+
+    def search(self, text: str) -> bool | None:
+        prog = self.prog
+        char_op, split_op, jmp_op, assert_op, match_op = range(5)
+        current: list[int] = []
+        seen: set[int] = set()
+
+        def add(threads: list[int], seen: set[int], pc: int, before: str, after: str) -> bool:
+            """Follow the empty transitions from pc; True when MATCH is reached."""
+            stack = [pc]
+            while stack:
+                pc = stack.pop()
+                if pc in seen:
+                    continue
+                seen.add(pc)
+                instr = prog[pc]
+                kind = instr[0]
+                if kind == char_op:
+                    threads.append(pc)
+                elif kind == split_op:
+                    stack.append(instr[2])
+                    stack.append(instr[1])
+                elif kind == jmp_op:
+                    stack.append(instr[1])
+                elif kind == assert_op:
+                    if instr[1](before, after):
+                        stack.append(pc + 1)
+                elif kind == match_op:
+                    return True
+            return False
+
+        n = len(text)
+        for i in range(n + 1):
+            before = text[i - 1] if i else ""
+            after = text[i] if i < n else ""
+            # Unanchored: a new thread starts at every position.
+            if add(current, seen, 0, before, after):
+                return True
+            if i == n:
+                break
+            following: list[int] = []
+            next_seen: set[int] = set()
+            next_after = text[i + 1] if i + 1 < n else ""
+            for pc in current:
+                if prog[pc][1](after) and add(following, next_seen, pc + 1, after, next_after):
+                    return True
+            current, seen = following, next_seen
+        return None
+
+
+def _char_predicate(op: Any, av: Any, flags: int) -> Callable[[str], bool]:
+    ignore = bool(flags & re.IGNORECASE)
+    if op is _c.ANY:
+        if flags & re.DOTALL:
+            return lambda ch: True
+        return lambda ch: ch != "\n"
+    if op in (_c.LITERAL, _c.NOT_LITERAL):
+        literal = chr(av)
+        negate = op is _c.NOT_LITERAL
+        if ignore:
+            forms = {literal, literal.lower(), literal.upper()}
+            return lambda ch: ((ch in forms) or (ch.lower() in forms) or (ch.upper() in forms)) != negate
+        return lambda ch: (ch == literal) != negate
+    negate = False
+    ranges: list[tuple[int, int]] = []
+    categories: list[Any] = []
+    for item_op, item_av in av:
+        if item_op is _c.NEGATE:
+            negate = True
+        elif item_op is _c.LITERAL:
+            ranges.append((item_av, item_av))
+        elif item_op is _c.RANGE:
+            ranges.append(item_av)
+        elif item_op is _c.CATEGORY:
+            categories.append(_CATEGORIES[item_av])
+        else:
+            raise _RegexError(f"unsupported class item {item_op}")
+
+    def member(ch: str) -> bool:
+        code = ord(ch)
+        return any(lo <= code <= hi for lo, hi in ranges) or any(test(ch) for test in categories)
+
+    if ignore:
+
+        def folded(ch: str) -> bool:
+            return member(ch) or member(ch.lower()[:1] or ch) or member(ch.upper()[:1] or ch)
+
+        return lambda ch: folded(ch) != negate
+    return lambda ch: member(ch) != negate
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+_CATEGORIES: dict[Any, Callable[[str], bool]] = {
+    _c.CATEGORY_DIGIT: str.isdecimal,
+    _c.CATEGORY_NOT_DIGIT: lambda ch: not ch.isdecimal(),
+    _c.CATEGORY_WORD: _is_word,
+    _c.CATEGORY_NOT_WORD: lambda ch: not _is_word(ch),
+    _c.CATEGORY_SPACE: str.isspace,
+    _c.CATEGORY_NOT_SPACE: lambda ch: not ch.isspace(),
+}
+
+
+def _at_test(where: Any, flags: int) -> Callable[[str, str], bool]:
+    multiline = bool(flags & re.MULTILINE)
+    if where is _c.AT_BEGINNING_STRING or (where is _c.AT_BEGINNING and not multiline):
+        return lambda before, after: before == ""
+    if where is _c.AT_BEGINNING:
+        return lambda before, after: before in ("", "\n")
+    if where is _c.AT_END_STRING:
+        return lambda before, after: after == ""
+    if where is _c.AT_END:
+        # Python's $: at the end or before a newline (only the final one without (?m)); the
+        # translator emits it only under (?m), where any newline counts.
+        return lambda before, after: after in ("", "\n")
+    if where is _c.AT_BOUNDARY:
+        return lambda before, after: _is_word(before or " ") != _is_word(after or " ")
+    if where is _c.AT_NON_BOUNDARY:
+        return lambda before, after: _is_word(before or " ") == _is_word(after or " ")
+    raise _RegexError(f"unsupported anchor {where}")
 
 
 class _Frame:
