@@ -56,6 +56,7 @@ from runtimed.api.containerd.services.snapshots.v1 import snapshots_pb2, snapsho
 from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from runtimed.api.containerd.services.version.v1 import version_pb2_grpc
 from runtimed.api.containerd.types.task import task_pb2
+from runtimed.api.runtimed.services.transfer.v1 import transfer_pb2, transfer_pb2_grpc
 from runtimed.images.manifest import chain_ids
 from runtimed.tasks import spec as specs
 from runtimed.wire import LEASE_KEY, NAMESPACE_KEY
@@ -547,6 +548,28 @@ def leaks(daemon: Any, namespaces: Iterable[str] = ()) -> list[str]:
     return found
 
 
+IMPORT_CHUNK = 256 * 1024
+
+
+def import_request_stream(data: bytes):
+    yield transfer_pb2.ImportRequest(options=transfer_pb2.ImportOptions(unpack=True))
+    for start in range(0, len(data), IMPORT_CHUNK):
+        yield transfer_pb2.ImportRequest(data=data[start : start + IMPORT_CHUNK])
+
+
+def import_image(daemon, namespace: str, data: bytes) -> str:
+    stubs = Stubs(daemon.address)
+    try:
+        transfer = transfer_pb2_grpc.TransferStub(stubs.channel)
+        last = None
+        for progress in transfer.Import(import_request_stream(data), metadata=md(namespace), timeout=120):
+            last = progress
+        assert last is not None and last.event == "done", last
+        return last.image.name
+    finally:
+        stubs.close()
+
+
 __all__ = [
     "RUNC",
     "RunningTask",
@@ -554,6 +577,7 @@ __all__ = [
     "check_store",
     "cleanup",
     "collect",
+    "import_image",
     "layer_tree",
     "leaks",
     "md",

@@ -36,6 +36,7 @@ from crash.invariants import (
     check_store,
     cleanup,
     collect,
+    import_image,
     layer_tree,
     leaks,
     md,
@@ -250,25 +251,6 @@ def many_files_image():
     files = {f"data/d{i // 100:02}/f{i:04}.txt": f"file {i}\n".encode() * 8 for i in range(1500)}
     layers = [busybox_layer(), layer_tar(files, busybox=False)]
     return build_image(layers, cmd=("true",)), layers
-
-
-def import_request_stream(data: bytes):
-    yield transfer_pb2.ImportRequest(options=transfer_pb2.ImportOptions(unpack=True))
-    for start in range(0, len(data), CHUNK):
-        yield transfer_pb2.ImportRequest(data=data[start : start + CHUNK])
-
-
-def import_image(daemon, namespace: str, data: bytes) -> str:
-    stubs = Stubs(daemon.address)
-    try:
-        transfer = transfer_pb2_grpc.TransferStub(stubs.channel)
-        last = None
-        for progress in transfer.Import(import_request_stream(data), metadata=md(namespace), timeout=120):
-            last = progress
-        assert last is not None and last.event == "done", last
-        return last.image.name
-    finally:
-        stubs.close()
 
 
 def pull_image(daemon, namespace: str, ref: str) -> str:

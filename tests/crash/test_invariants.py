@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from crash.invariants import blob_dir, check_store, layer_tree, snapshot_rows, snapshotter_root
+from crash.invariants import blob_dir, check_store, import_image, layer_tree, snapshot_rows, snapshotter_root
 from fixtures.archives import oci_archive
 from fixtures.images import build_image, busybox_layer, layer_tar
 
@@ -19,8 +19,6 @@ pytestmark = [
 
 
 def test_the_checker_reports_damage(daemon, tmp_path):
-    from crash.test_crash_points import import_image
-
     layers = [busybox_layer(), layer_tar({f"d/f{i}": b"x" for i in range(50)}, busybox=False)]
     image = build_image(layers)
     name = "docker.io/library/checked:v1"
