@@ -26,6 +26,8 @@ BUILTIN_MODULES = (
     "runtimed.services.diff",
     "runtimed.images.service",
     "runtimed.services.transfer",
+    "runtimed.volumes.plugin",
+    "runtimed.services.volumes",
     "plugins.runtimes.runc",
     "runtimed.tasks.manager",  # after every other plugin (requires "*")
     "runtimed.services.tasks",

@@ -14,6 +14,7 @@ Schema (every namespaced table is keyed by namespace first):
     leases(namespace, id, labels, created_at)
     lease_resources(namespace, lease_id, resource_type, resource_id)
     content(namespace, digest, size, labels, created_at, updated_at)
+    volumes(namespace, name, labels, created_at)
 
 Labels and annotations are JSON objects; Any values are serialised protobuf Any bytes.
 """
@@ -101,11 +102,22 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX content_by_digest ON content(digest);
     """,
+    # volumes: named directories that outlive containers (the data lives under the volumes plugin's root)
+    """
+    CREATE TABLE volumes (
+        namespace TEXT NOT NULL REFERENCES namespaces(name),
+        name TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, name)
+    );
+    """,
 ]
 
 # Tables whose rows make a namespace non-empty (grows as content and snapshots land).
 NAMESPACED_TABLES: dict[str, str] = {"containers": "containers", "images": "images", "leases": "leases"}
 NAMESPACED_TABLES["content"] = "content"
+NAMESPACED_TABLES["volumes"] = "volumes"
 
 SYNC_MODES = ("full", "normal")
 
