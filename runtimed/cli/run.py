@@ -577,7 +577,7 @@ def remove_volumes(ctx: Context, names: Sequence[str]) -> None:
 def create_container(ctx: Context, services: Services, args: argparse.Namespace, plan: Plan) -> Any:
     """Pull if needed, then snapshot + volumes + Containers.Create; returns the container."""
     snapshotter = args.snapshotter or default_snapshotter(ctx)
-    image = find_or_pull(ctx, args.image, args.snapshotter, args.plain_http)
+    image = find_or_pull(ctx, args.image, snapshotter, args.plain_http)
     info = image_info(services, image)
     try:
         services.snapshots.Stat(
@@ -585,7 +585,12 @@ def create_container(ctx: Context, services: Services, args: argparse.Namespace,
             metadata=services.md,
         )
     except Exception as exc:
-        raise CLIError(f"image {args.image} is not unpacked in snapshotter {snapshotter}: {exc}") from None
+        if not is_code(exc, "NOT_FOUND"):
+            raise
+        raise CLIError(
+            f"image {args.image} is not unpacked in snapshotter {snapshotter}: pull it again with "
+            f"--snapshotter {snapshotter}"
+        ) from None
     # Under a lease, as ctr does: the snapshot is not garbage until the container holds it.
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
     lease = services.leases.Create(
@@ -673,11 +678,15 @@ def _create_record(
             snapshot_key=name,
         )
         request = services.containers_pb.CreateContainerRequest(container=container)
-        return services.containers.Create(request, metadata=leased, timeout=ctx.timeout).container
+        created = services.containers.Create(request, metadata=leased, timeout=ctx.timeout).container
     except BaseException:
         remove_volumes(ctx, created_volumes)
         created_volumes.clear()
         raise
+    if not args.log_uri and LABEL_LOG_URI in labels:  # a new container starts a new log
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log_path_of(created))
+    return created
 
 
 def remove_container(ctx: Context, services: Services, container_id: str) -> None:
