@@ -312,7 +312,7 @@ def test_kill_during_import_and_unpack_of_a_many_file_layer(crash_daemon, tmp_pa
     data = oci_archive([(name, image)])
     chains = chain_ids(list(image.diff_ids))
     trees = {chain: layer_tree(layer) for chain, layer in zip(chains, layers, strict=True)}
-    stepped_kills(crash_daemon, lambda ns: import_image(crash_daemon, ns, data), trees, name, 6, tmp_path)
+    stepped_kills(crash_daemon, lambda ns: import_image(crash_daemon, ns, data), trees, name, 5, tmp_path)
 
 
 async def test_kill_during_pull(crash_daemon, registry, tmp_path):
