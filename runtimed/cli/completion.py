@@ -47,11 +47,13 @@ def walk(
 ) -> Iterator[tuple[tuple[str, ...], list[str], list[str]]]:
     """(command path, its sub-command names, its options) for every parser in the tree."""
     sub = _subparsers(parser)
-    names = sorted(sub.choices) if sub else []
+    names = sorted(n for n in sub.choices if not n.startswith("_")) if sub else []
     yield path, names, _options(parser)
     if sub:
         seen: set[int] = set()
         for name, child in sub.choices.items():
+            if name.startswith("_"):
+                continue  # internal commands
             if id(child) in seen and name not in (a.dest for a in sub._choices_actions):
                 continue  # an alias: the same parser is walked once under its name
             seen.add(id(child))

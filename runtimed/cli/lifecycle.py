@@ -497,6 +497,13 @@ def stop_signal_of(container: Any) -> int:
     return int(signal.SIGTERM)
 
 
+def deleted_meanwhile(exc: BaseException) -> bool:
+    """A task Delete that lost a race with another (the watcher of a `run -d --rm` container)."""
+    if is_code(exc, "NOT_FOUND"):
+        return True
+    return is_code(exc, "FAILED_PRECONDITION") and "being deleted" in (exc.details() or "")  # type: ignore[attr-defined]
+
+
 def stop_one(ctx: Context, services: Services, stubs: Stubs, name: str, timeout: int, sig: str = "") -> None:
     """The stop signal, SIGKILL after timeout seconds; then the exit is recorded and the task deleted."""
     container = get_container(ctx, name)
@@ -517,7 +524,12 @@ def stop_one(ctx: Context, services: Services, stubs: Stubs, name: str, timeout:
             with contextlib.suppress(Exception):
                 stubs.kill(name, int(signal.SIGKILL), all=True)
             waiter.result(timeout=60)
-    response = stubs.call("Delete", stubs.pb.DeleteTaskRequest(container_id=name))
+    try:
+        response = stubs.call("Delete", stubs.pb.DeleteTaskRequest(container_id=name))
+    except Exception as exc:
+        if deleted_meanwhile(exc):
+            return
+        raise
     record_exit(services, name, int(response.exit_status))
 
 
@@ -569,8 +581,16 @@ def rm_command(ctx: Context, args: argparse.Namespace) -> int:
                     with contextlib.suppress(Exception):
                         stubs.call("Resume", stubs.pb.ResumeTaskRequest(container_id=name))
                 waiter.result(timeout=60)
-            stubs.call("Delete", stubs.pb.DeleteTaskRequest(container_id=name))
-        remove_container(ctx, services, name)
+            try:
+                stubs.call("Delete", stubs.pb.DeleteTaskRequest(container_id=name))
+            except Exception as exc:
+                if not deleted_meanwhile(exc):
+                    raise
+        try:
+            remove_container(ctx, services, name)
+        except Exception as exc:
+            if not is_code(exc, "NOT_FOUND"):  # removed meanwhile (by a `run -d --rm` watcher)
+                raise
 
     return each(ctx, args.names, rm)
 

@@ -59,6 +59,8 @@ LABEL_STARTED = "runtimed/started-at"  # RFC 3339, set at each start
 LABEL_FINISHED = "runtimed/finished-at"  # RFC 3339, set when runtimectl saw the task end
 LABEL_EXIT_CODE = "runtimed/exit-code"
 LABEL_ERROR = "runtimed/error"  # why the last start failed
+LABEL_AUTO_REMOVE = "runtimed/auto-remove"  # run -d --rm: removed when its task ends
+AUTO_REMOVE_GIVE_UP = 300.0  # seconds without a daemon after which the -d --rm watcher gives up
 CANNOT_INVOKE = 126
 NOT_FOUND = 127
 MIN_MEMORY = 6 * 1024 * 1024  # docker's minimum
@@ -88,6 +90,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_container_options(create)
     create.set_defaults(func=create_only)
+
+    # run -d --rm: the detached watcher that removes the container when its task ends (no help: internal).
+    watcher = subparsers.add_parser("_autoremove", add_help=False)
+    watcher.add_argument("name")
+    watcher.set_defaults(func=auto_remove)
 
 
 def add_container_options(parser: argparse.ArgumentParser) -> None:
@@ -819,9 +826,9 @@ def run_container(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _run(ctx: Context, args: argparse.Namespace) -> int:
-    if args.detach and args.rm:
-        raise CLIError("--rm and -d cannot be used together")
     plan = make_plan(args)
+    if args.rm:
+        plan.labels[LABEL_AUTO_REMOVE] = "true"
     services = Services(ctx)
     stubs = Stubs(ctx)
     container = create_container(ctx, services, args, plan)
@@ -854,6 +861,8 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
                     raise
                 record_exit(services, name, getattr(failure, "status", ERROR_EXIT), str(failure))
                 raise failure from None
+            if args.rm:
+                spawn_auto_remove(ctx, name)
             print(name)
             return 0
         waiter = stubs.wait_future(name)
@@ -881,3 +890,55 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
     if args.rm:
         remove_container(ctx, services, name)
     return status
+
+
+# -- run -d --rm ------------------------------------------------------------------------------
+
+
+def spawn_auto_remove(ctx: Context, name: str) -> None:
+    """A watcher in its own session that outlives this command: it removes the container (task,
+    record, snapshot, log) once the task ends, as docker's daemon does for `run -d --rm`."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "runtimed.cli.main", "-a", ctx.address, "-n", ctx.namespace]
+    subprocess.Popen(
+        [*argv, "--timeout", str(ctx.timeout), "_autoremove", name],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+def auto_remove(ctx: Context, args: argparse.Namespace) -> int:
+    """Wait for the task to end (riding out daemon restarts), then remove the container."""
+    services, stubs = Services(ctx), Stubs(ctx)
+    unavailable_since: float | None = None
+    while True:
+        try:
+            container = services.containers.Get(
+                services.containers_pb.GetContainerRequest(id=args.name), metadata=services.md
+            ).container
+            unavailable_since = None
+            if container.labels.get(LABEL_AUTO_REMOVE) != "true":
+                return 0  # a different container of the same name
+            try:
+                waiter = stubs.wait_future(args.name)
+                wait_exit(waiter)
+            except Exception as exc:
+                if not is_code(exc, "NOT_FOUND"):
+                    raise
+            delete_task_quietly(stubs, args.name)
+            remove_container(ctx, services, args.name)
+            return 0
+        except Exception as exc:
+            if is_code(exc, "NOT_FOUND"):
+                return 0  # removed already
+            if not (is_code(exc, "UNAVAILABLE") or is_code(exc, "CANCELLED")):
+                return ERROR_EXIT
+            now = time.monotonic()
+            unavailable_since = unavailable_since or now
+            if now - unavailable_since > AUTO_REMOVE_GIVE_UP:
+                return ERROR_EXIT
+            time.sleep(1)

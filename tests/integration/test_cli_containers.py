@@ -631,3 +631,34 @@ def test_stop_uses_the_image_stop_signal_then_sigkill(rtctl):
     )
     assert rtctl("exec", "-i", "stubborn", "cat", input="piped\n").stdout == "piped\n"
     rtctl("rm", "-f", "usr", "stubborn")
+
+
+def watchers(namespace: str) -> list[int]:
+    """Pids of `run -d --rm` watchers of a namespace (to check that they are gone, never to kill)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"_autoremove" in argv and namespace.encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def test_detached_rm_removes_the_container_when_it_ends(rtctl, daemon):
+    ns = rtctl.namespace
+    before = snapshot_keys(daemon, ns)
+    assert (
+        rtctl("run", "-d", "--rm", "--name", "brief", "busybox", "sh", "-c", "echo hi; sleep 1").stdout
+        == "brief\n"
+    )
+    rtctl("run", "-d", "--rm", "--name", "long", "busybox", "sleep", "300")
+    assert set(rtctl("ps", "-q").stdout.split()) == {"brief", "long"}
+    wait_for(lambda: rtctl("ps", "-aq").stdout == "long\n", what="brief to be removed")
+    assert not log_file(daemon, ns, "brief").exists()
+    assert rtctl("stop", "-t", "1", "long").stdout == "long\n"  # docker: a stopped --rm container goes
+    wait_for(lambda: rtctl("ps", "-aq").stdout == "", what="long to be removed")
+    assert snapshot_keys(daemon, ns) == before
+    wait_for(lambda: not watchers(ns), what="the watchers to exit")
