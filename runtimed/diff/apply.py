@@ -45,7 +45,7 @@ import structlog
 
 from runtimed.diff import tarstream
 from runtimed.diff.mediatypes import LAYER_TAR, Compression, compression_of
-from runtimed.diff.mounts import is_bind, is_readonly, overlay_layers, temp_mount
+from runtimed.diff.mounts import directory, is_bind, is_readonly, overlay_layers, temp_mount
 from runtimed.diff.streams import Blob, UncompressedStream
 from runtimed.diff.tarstream import TarEntry, TarReader
 from runtimed.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, RuntimedError
@@ -609,7 +609,7 @@ def _layer_target(mounts: Sequence[Mount]) -> Iterator[tuple[Path, tuple[Path, .
         if is_bind(mount):
             if is_readonly(mount):
                 raise FailedPrecondition(f"cannot apply a layer to read-only bind mount {mount.source!r}")
-            yield Path(mount.source), None
+            yield directory(mount.source, "bind mount source"), None
             return
     with temp_mount(mounts) as target:
         yield target, None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from runtimed.errors import FailedPrecondition, InvalidArgument
+from runtimed.errors import FailedPrecondition, InvalidArgument, q
 from runtimed.types import Mount
 
 log = structlog.get_logger("runtimed.diff")
@@ -34,6 +34,13 @@ class OverlayLayers:
 
     upper: Path | None
     lowers: tuple[Path, ...]
+
+
+def directory(path: str, what: str) -> Path:
+    """A directory named by a client's mount: it must be absolute (never the daemon's cwd) and NUL-free."""
+    if not path or "\x00" in path or not os.path.isabs(path):
+        raise InvalidArgument(f"{what} {q(path[:256])} must be an absolute path")
+    return Path(path)
 
 
 def is_bind(mount: Mount) -> bool:
@@ -51,9 +58,11 @@ def overlay_layers(mount: Mount) -> OverlayLayers:
     lowers: tuple[Path, ...] = ()
     for option in mount.options:
         if option.startswith("upperdir="):
-            upper = Path(option.removeprefix("upperdir="))
+            upper = directory(option.removeprefix("upperdir="), "overlay upperdir")
         elif option.startswith("lowerdir="):
-            lowers = tuple(Path(p) for p in option.removeprefix("lowerdir=").split(":") if p)
+            lowers = tuple(
+                directory(p, "overlay lowerdir") for p in option.removeprefix("lowerdir=").split(":") if p
+            )
     if not lowers:
         raise InvalidArgument("overlay mount without a lowerdir")
     return OverlayLayers(upper, lowers)
@@ -70,7 +79,7 @@ def directory_layers(mounts: Sequence[Mount]) -> tuple[Path, ...] | None:
         return None
     mount = mounts[0]
     if is_bind(mount):
-        return (Path(mount.source),)
+        return (directory(mount.source, "bind mount source"),)
     if mount.type == "overlay":
         layers = overlay_layers(mount)
         return ((layers.upper,) if layers.upper else ()) + layers.lowers
@@ -80,6 +89,8 @@ def directory_layers(mounts: Sequence[Mount]) -> tuple[Path, ...] | None:
 def _run(argv: list[str]) -> None:
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT, check=False)
+    except ValueError as exc:  # a NUL byte in an argument
+        raise InvalidArgument(f"{argv[0]}: invalid mount argument: {exc}") from None
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FailedPrecondition(f"{argv[0]}: {exc}") from exc
     if result.returncode != 0:

@@ -35,7 +35,7 @@ from typing import BinaryIO
 from runtimed.diff import tarstream
 from runtimed.diff.apply import DIR_FLAGS, OVERLAY_OPAQUE_XATTR, open_regular
 from runtimed.diff.mediatypes import MEDIA_TYPE_OF, Compression
-from runtimed.diff.mounts import directory_layers, is_bind, overlay_layers, temp_mount
+from runtimed.diff.mounts import directory, directory_layers, is_bind, overlay_layers, temp_mount
 from runtimed.errors import FailedPrecondition, InvalidArgument
 from runtimed.types import Descriptor, Mount
 
@@ -462,7 +462,7 @@ def _open_root(path: Path) -> int:
 def _tree(stack: contextlib.ExitStack, mounts: Sequence[Mount]) -> Path:
     """A directory showing `mounts`: a bind source as is, anything else mounted read-only."""
     if len(mounts) == 1 and is_bind(mounts[0]):
-        return Path(mounts[0].source)
+        return directory(mounts[0].source, "bind mount source")
     return stack.enter_context(temp_mount(mounts, readonly=True))
 
 
