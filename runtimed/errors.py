@@ -122,8 +122,26 @@ class ConfigError(RuntimedError):
     suffix = ""
 
 
+#: Longest status message sent (gRPC clients refuse trailers over 8 KiB by default).
+MAX_MESSAGE_LENGTH = 4096
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_LENGTH) -> str:
+    """message, its middle elided if longer than limit (the end keeps containerd's class text)."""
+    if len(message) <= limit:
+        return message
+    tail = limit // 4
+    elided = len(message) - (limit - tail - 40) - tail
+    return f"{message[: limit - tail - 40]} ...[{elided} characters elided]... {message[-tail:]}"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map any exception to the (code, message) a client sees: the single mapping point."""
+    code, message = _status_of(exc)
+    return code, bounded(message)
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RuntimedError):
         return exc.code, exc.message
     if isinstance(exc, NotImplementedError):
