@@ -69,6 +69,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ps.add_argument("-a", "--all", action="store_true", help="show all containers, not only running ones")
     ps.add_argument("-q", "--quiet", action="store_true", help="only print names")
     ps.add_argument("--no-trunc", action="store_true", help="do not truncate the command")
+    ps.add_argument(
+        "-f",
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="name=SUBSTRING, status=created|running|paused|exited, label=KEY[=VALUE], ancestor=IMAGE",
+    )
     ps.add_argument("--format", default="table", help="table, json, or a Go template such as '{{.Name}}'")
     ps.set_defaults(func=ps_command)
 
@@ -403,12 +411,35 @@ def ps_view(state: State, no_trunc: bool = False) -> dict[str, Any]:
     }
 
 
+def matches(state: State, filters: list[str]) -> bool:
+    """docker ps --filter: the same key ORs, different keys AND."""
+    by_key: dict[str, list[str]] = {}
+    for text in filters:
+        key, sep, value = text.partition("=")
+        if not sep or key not in ("name", "status", "label", "ancestor", "id"):
+            raise CLIError(f"invalid filter {text!r}: use name=, status=, label=, ancestor=")
+        by_key.setdefault(key, []).append(value)
+    labels = state.container.labels
+    image = state.container.image
+    tests = {
+        "name": lambda v: v in state.name,
+        "id": lambda v: state.name.startswith(v),
+        "status": lambda v: state.status == v,
+        "label": lambda v: (
+            labels.get(v.partition("=")[0]) == v.partition("=")[2] if "=" in v else v in labels
+        ),
+        "ancestor": lambda v: image in (v, familiar(image)) or familiar(image) == familiar(v),
+    }
+    return all(any(tests[key](v) for v in values) for key, values in by_key.items())
+
+
 def ps_command(ctx: Context, args: argparse.Namespace) -> None:
     stubs = Stubs(ctx)
     tasks = list_tasks(stubs)
     states = [State(c, tasks.get(c.id)) for c in ctx.client.containers()]
-    if not args.all:
+    if not args.all and not any(f.startswith("status=") for f in args.filter):
         states = [s for s in states if s.status in ("running", "paused")]
+    states = [s for s in states if matches(s, args.filter)]
     states.sort(key=lambda s: (-s.container.created_at.seconds, -s.container.created_at.nanos, s.name))
     if args.quiet:
         for state in states:

@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     logs.add_argument("-n", "--tail", default="all", metavar="N", help="only the last N lines (default all)")
     logs.add_argument("-t", "--timestamps", action="store_true", help="prefix each line with its time")
+    logs.add_argument(
+        "--since", default="", help="only lines since a time (RFC 3339) or a duration ago (10m)"
+    )
+    logs.add_argument("--until", default="", help="only lines before a time (RFC 3339) or a duration ago")
     logs.add_argument("name", metavar="NAME")
     logs.set_defaults(func=logs_command)
 
@@ -62,14 +66,37 @@ def tail_lines(lines: list[bytes], tail: str) -> list[bytes]:
     return lines[-count:] if count > 0 else []
 
 
+def parse_when(text: str) -> str:
+    """An RFC 3339 UTC time (comparable as text with the records'), from a time or a duration ago."""
+    import re
+
+    from runtimed.cli.lifecycle import parse_time, rfc3339
+
+    if not text:
+        return ""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    if match:
+        seconds = float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+        return rfc3339(time.time() - seconds)
+    if text.replace(".", "", 1).isdigit():  # Unix seconds
+        return rfc3339(float(text))
+    stamp = parse_time(text if "T" in text else f"{text}T00:00:00Z")
+    if stamp is None:
+        raise CLIError(f"invalid time {text!r}: use RFC 3339 (2024-01-02T15:04:05Z), Unix seconds or 10m")
+    return rfc3339(stamp)
+
+
 class Printer:
-    def __init__(self, timestamps: bool) -> None:
+    def __init__(self, timestamps: bool, since: str = "", until: str = "") -> None:
         self.timestamps = timestamps
+        self.since, self.until = since, until
         self.out = sys.stdout.buffer
         self.err = sys.stderr.buffer
 
     def show(self, line: bytes) -> None:
         stream, stamp, text = parse_record(line)
+        if stamp and ((self.since and stamp < self.since) or (self.until and stamp >= self.until)):
+            return
         if self.timestamps:
             text = f"{stamp or '-'} {text}"
         target = self.err if stream == "stderr" else self.out
@@ -93,7 +120,7 @@ def logs_command(ctx: Context, args: argparse.Namespace) -> int:
     path = log_path_of(container)
     if not path:
         raise CLIError(f"container {args.name} keeps no log (--null-io, or made by another client)")
-    printer = Printer(args.timestamps)
+    printer = Printer(args.timestamps, parse_when(args.since), parse_when(args.until))
     try:
         handle: BinaryIO = open(path, "rb")  # noqa: SIM115 - kept open while following
     except FileNotFoundError:

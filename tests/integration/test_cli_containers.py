@@ -141,6 +141,9 @@ def test_logs_streams_tail_timestamps_and_follow(rtctl, daemon):
     assert (logs.stdout, logs.stderr) == ("one\nthree\n", "two\n")
     assert rtctl("logs", "--tail", "1", "talker").stdout == "three\n"
     assert rtctl("logs", "-n", "0", "talker").stdout == ""
+    assert rtctl("logs", "--since", "1h", "talker").stdout == "one\nthree\n"
+    assert rtctl("logs", "--since", "2999-01-01T00:00:00Z", "talker").stdout == ""
+    assert rtctl("logs", "--until", "2000-01-01", "talker").stdout == ""
     stamped = rtctl("logs", "--timestamps", "talker").stdout.splitlines()
     assert [RFC3339_NANO.sub("", line) for line in stamped] == ["one", "three"]
     assert all(RFC3339_NANO.match(line) for line in stamped)
@@ -417,6 +420,10 @@ def test_ps_inspect_top_stats_pause_restart_start_kill(rtctl):
         "later:created",
         "web:running",
     ]
+    assert rtctl("ps", "-q", "-f", "label=app=web").stdout == "web\n"
+    assert rtctl("ps", "-q", "-f", "status=created").stdout == "later\n"
+    assert rtctl("ps", "-aq", "-f", "name=ate", "-f", "ancestor=busybox").stdout == "later\n"
+    assert rtctl("ps", "-f", "bogus=1", check=False).returncode == 125
     table = rtctl("ps", "-a", "--format", "table {{.Name}}\\t{{.Status}}").stdout.splitlines()
     assert re.split(r"\s{2,}", table[0]) == ["NAME", "STATUS"]
 
