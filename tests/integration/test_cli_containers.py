@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from fixtures.archives import oci_archive
 from fixtures.cli_images import cli_busybox, configured_image
-from fixtures.tasks import TASK_STATE, mounts_under, reap_leftovers, unique_namespace
+from fixtures.tasks import TASK_STATE, mounts_under, reap_leftovers, shell_on_a_terminal, unique_namespace
 
 from runtimed.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from runtimed.wire import NAMESPACE_KEY
@@ -669,3 +669,15 @@ def test_detached_rm_removes_the_container_when_it_ends(rtctl, daemon):
     wait_for(lambda: rtctl("ps", "-aq").stdout == "", what="long to be removed")
     assert snapshot_keys(daemon, ns) == before
     wait_for(lambda: not watchers(ns), what="the watchers to exit")
+
+
+def test_exec_and_run_with_a_terminal(rtctl, daemon):
+    rtctl("run", "-d", "--name", "shell", "busybox", "sleep", "300")
+    base = [sys.executable, "-m", "runtimed.cli.main", "-a", daemon.address, "-n", rtctl.namespace]
+    output, status = shell_on_a_terminal([*base, "exec", "-it", "shell", "sh"], cwd=str(REPO_ROOT))
+    assert b"/dev/pts/" in output and b"sum=42" in output, output
+    assert status == 7
+    output, status = shell_on_a_terminal([*base, "run", "-it", "--rm", "busybox"], cwd=str(REPO_ROOT))
+    assert b"/dev/pts/0" in output and b"sum=42" in output and status == 7, output
+    rtctl("rm", "-f", "shell")
+    assert rtctl("ps", "-aq").stdout == ""
