@@ -497,11 +497,12 @@ def start_command(ctx: Context, args: argparse.Namespace) -> int:
         stubs.call("Delete", stubs.pb.DeleteTaskRequest(container_id=name))
     terminal = bool((json.loads(container.spec.value or b"{}").get("process") or {}).get("terminal"))
     attachment = Attachment(
-        name, stdin=args.interactive or terminal, terminal=terminal, log=attached_log(container)
+        name, stdin=args.interactive or terminal, terminal=terminal, log=attached_log(container), gated=True
     )
     try:
         try:
             create_task(ctx, services, stubs, container, attachment=attachment)
+            attachment.open_gate()
         except InvokeError as exc:
             record_exit(services, name, exc.status, str(exc))
             report(str(exc))

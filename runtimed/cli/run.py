@@ -838,9 +838,13 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
     try:
         if not detached and not args.null_io:
             log = None if args.rm else attached_log(container)
-            attachment = Attachment(name, stdin=args.interactive or args.tty, terminal=args.tty, log=log)
+            attachment = Attachment(
+                name, stdin=args.interactive or args.tty, terminal=args.tty, log=log, gated=True
+            )
         try:
             create_task(ctx, services, stubs, container, attachment=attachment, null_io=args.null_io)
+            if attachment is not None:
+                attachment.open_gate()  # from here on, output is the process's
         except InvokeError as exc:
             if not args.rm:
                 record_exit(services, name, exc.status, str(exc))

@@ -197,10 +197,18 @@ class LogCopy:
 class Attachment:
     """The FIFOs of one process, copied to and from our own stdio (and to a log, if given)."""
 
-    def __init__(self, name: str, *, stdin: bool, terminal: bool, log: LogCopy | None = None) -> None:
+    def __init__(
+        self, name: str, *, stdin: bool, terminal: bool, log: LogCopy | None = None, gated: bool = False
+    ) -> None:
+        """gated: copy nothing until open_gate() (the process started), so that what runc writes
+        when the task cannot be created (its own error) can be dropped by discard()."""
         self.directory = Path(tempfile.mkdtemp(prefix="rtctl-", dir=fifo_root()))
         self.terminal = terminal
         self.log = log
+        self._gate = threading.Event()
+        self._discard = False
+        if not gated:
+            self._gate.set()
         self.stdin = str(self.directory / f"{name}-stdin") if stdin else ""
         self.stdout = str(self.directory / f"{name}-stdout")
         self.stderr = "" if terminal else str(self.directory / f"{name}-stderr")
@@ -220,6 +228,9 @@ class Attachment:
 
         def copy() -> None:
             try:
+                self._gate.wait()
+                if self._discard:
+                    return
                 while True:
                     ready, _, _ = select.select([fd], [], [], 1)
                     if not ready:
@@ -253,11 +264,21 @@ class Attachment:
             finally:
                 os.close(fifo)  # the process reads EOF, as with docker -i
 
+    def open_gate(self) -> None:
+        self._gate.set()
+
+    def discard(self) -> None:
+        """Drop whatever was written (the process never started) and stop copying."""
+        self._discard = True
+        self._gate.set()
+
     def wait_output(self, timeout: float = 10) -> None:
         for thread in self._threads:
             thread.join(timeout)
 
     def close(self) -> None:
+        if not self._gate.is_set():
+            self.discard()
         shutil.rmtree(self.directory, ignore_errors=True)
         if self.log is not None:
             self.log.close()

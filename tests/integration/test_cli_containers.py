@@ -336,7 +336,7 @@ def test_exit_codes_and_failures_leave_nothing(rtctl, daemon, tmp_path):
     ):
         result = rtctl("run", "--rm", "busybox", *args, check=False)
         assert result.returncode == status, (args, result.stderr)
-        assert result.stderr.strip().splitlines()[-1].startswith("runtimectl: ")
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("runtimectl: "), result.stderr
     assert rtctl("ps", "-aq").stdout == "" and snapshot_keys(daemon, ns) == before
     # Without --rm the container stays, exited with that code (as docker's does).
     assert rtctl("run", "--name", "kept", "busybox", "nope", check=False).returncode == 127
