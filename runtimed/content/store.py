@@ -434,6 +434,7 @@ class Writer:
         self._shared: ContentInfo | None = None
         self._shared_since = 0
         self._state = "new"  # -> opening -> open -> done
+        self._fresh = False  # whether opening created the ingest (it did not exist before)
         self._pending: asyncio.Future[Any] | None = None  # the last thread or database work
         self._op = asyncio.Lock()
         self._log = log.bind(namespace=namespace, ref=ref)
@@ -442,7 +443,12 @@ class Writer:
         await self.open()
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, exc_type: Any, *exc_info: Any) -> None:
+        if exc_type is not None and self._fresh and self._file is not None and self._file.offset == 0:
+            # The call that created this ingest failed before writing a byte: nothing to
+            # resume, so leave nothing behind (a failed first message must not leave debris).
+            await self.abort()
+            return
         await self.close()
 
     @property
@@ -476,6 +482,7 @@ class Writer:
                 directory = store._ingest_dir(self.namespace, self.ref)
 
                 def start() -> None:
+                    self._fresh = not directory.exists()
                     self._file = IngestFile.open(
                         directory, self.namespace, self.ref, self._total, self._expected, now_ns()
                     )
