@@ -38,6 +38,11 @@ COMMAND_MODULES = (
     "archive",
     "run",
     "tasks",
+    "build",
+    "lifecycle",
+    "logs",
+    "completion",
+    "volumes",
 )
 
 
