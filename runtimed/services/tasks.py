@@ -9,6 +9,7 @@ unknown task is NOT_FOUND "task X not found" (ctr treats that as "no task").
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import structlog
@@ -19,7 +20,7 @@ from runtimed.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 from runtimed.api.containerd.services.tasks.v1 import tasks_pb2_grpc as pb_grpc
 from runtimed.api.containerd.types import metrics_pb2
 from runtimed.api.containerd.types.task import task_pb2
-from runtimed.errors import NotImplementedYet
+from runtimed.errors import InvalidArgument, NotImplementedYet, q
 from runtimed.server.interceptors import current_namespace
 from runtimed.services.base import grpc_plugin
 from runtimed.services.convert import any_to_core, timestamp
@@ -38,6 +39,8 @@ _STATUS = {
     Status.PAUSED: task_pb2.PAUSED,
     Status.PAUSING: task_pb2.PAUSING,
 }
+# The highest signal number (SIGRTMAX); anything else makes runc fail, which is the client's error.
+MAX_SIGNAL = int(max(signal.valid_signals()))
 METRICS_TYPE_PREFIX = "types.runtimed.io/"  # + the backend's stats type; the value is JSON
 
 
@@ -100,6 +103,11 @@ class TasksServicer(pb_grpc.TasksServicer):
         return pb.ListTasksResponse(tasks=[process_to_pb(s) for s in states])
 
     async def Kill(self, request, context):
+        if not 0 <= request.signal <= MAX_SIGNAL:
+            raise InvalidArgument(
+                f"kill task {q(request.container_id)}: signal {request.signal} is not a signal number "
+                f"(1-{MAX_SIGNAL}, or 0 for SIGTERM)"
+            )
         await self._tasks.kill(
             current_namespace(), request.container_id, request.exec_id, request.signal, request.all
         )
