@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.archives import oci_archive
+from fixtures.cli import Runner, runner
 from fixtures.cli_images import cli_busybox, configured_image
 from fixtures.tasks import TASK_STATE, mounts_under, reap_leftovers, shell_on_a_terminal, unique_namespace
 
@@ -31,31 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = "docker.io/library/busybox:latest"  # `busybox` resolves to it
 CONFIGURED = "docker.io/library/configured:v1"
 RFC3339_NANO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")
-
-Runner = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def runner(daemon, namespace: str) -> Runner:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNTIMED_")}
-
-    def run(
-        *args: str, input: str | None = None, check: bool = True, env_extra: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "runtimed.cli.main", "-a", daemon.address, "-n", namespace, *args],
-            input=input if input is not None else "",
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO_ROOT,
-            env=env | (env_extra or {}),
-        )
-        if check:
-            assert result.returncode == 0, (args, result.returncode, result.stdout, result.stderr)
-        return result
-
-    run.namespace = namespace  # type: ignore[attr-defined]
-    return run
 
 
 @pytest.fixture
