@@ -115,7 +115,7 @@ def running(fuzz, tmp_path_factory):
 
 
 @settings(
-    max_examples=60,
+    max_examples=120,
     deadline=None,
     derandomize=True,
     database=None,
