@@ -272,6 +272,8 @@ class TaskManager:
             spec = json.loads(container.spec.value)
         except ValueError as exc:
             raise InvalidArgument(f"container {q(container_id)}: spec is not JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise InvalidArgument(f"container {q(container_id)}: spec is not a JSON object")
         if rootfs:
             spec.setdefault("root", {})["path"] = bundles.ROOTFS
         socket_path = self.socket_path(namespace, container_id)
