@@ -16,9 +16,6 @@ this way are pinned with @example.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -26,12 +23,10 @@ import grpc
 import pytest
 import strategies as fs
 from google.protobuf import message_factory
-from harness import FORBIDDEN
+from harness import SERVICES, Checker, _short
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import runtimed.api.containerd.services as containerd_services
-import runtimed.api.runtimed.services as runtimed_services
 from runtimed import reference as references
 from runtimed.api.containerd.services.containers.v1 import containers_pb2
 from runtimed.api.containerd.services.content.v1 import content_pb2
@@ -49,51 +44,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
-
-READ_ONLY = {
-    "Get",
-    "List",
-    "ListStream",
-    "Info",
-    "Read",
-    "Status",
-    "ListStatuses",
-    "Stat",
-    "Mounts",
-    "Usage",
-    "ListResources",
-    "Plugins",
-    "Server",
-    "Version",
-    "Wait",
-    "Metrics",
-    "ListPids",
-    "Subscribe",
-    "Publish",
-    "Forward",
-    "Export",
-}
-MAX_DETAILS = 4096
-
-
-def _services() -> dict[str, Any]:
-    """Service full name -> its descriptor, for every generated *_pb2 module (volumes too, if present)."""
-    found = {}
-    for package in (containerd_services, runtimed_services):
-        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-            if info.name.endswith("_pb2") and not info.name.endswith("_grpc_pb2"):
-                module = importlib.import_module(info.name)
-                for service in module.DESCRIPTOR.services_by_name.values():
-                    found[service.full_name] = service
-    return found
-
-
-SERVICES = _services()
-
-
-def _short(service: str) -> str:
-    return service.rsplit(".", 1)[1]
-
 
 # -- per-service field overrides: keep the daemon away from the network and the host's files ----
 
@@ -151,95 +101,6 @@ def cases(service_name: str) -> st.SearchStrategy[tuple[str, Any, str | None]]:
         return st.tuples(st.just(method.name), body, fs.metadata_namespaces)
 
     return st.sampled_from(list(service.methods)).flatmap(for_method)
-
-
-class Checker:
-    """Sends one case and checks the properties; caches the state between failed mutations."""
-
-    def __init__(self, fuzz) -> None:
-        self.fuzz = fuzz
-        self.known_state: dict[str, Any] | None = None
-        self.service = ""
-        self.history: list[str] = []  # the last calls, for failure messages
-        self.seen: Counter[tuple[str, str]] = Counter()  # (method, code) -> count, for the summary
-        self.sample: dict[tuple[str, str], str] = {}  # (method, code) -> the first message
-
-    def run(self, service_name: str, case: tuple[str, Any, str | None]) -> None:
-        name, request, namespace = case
-        method = SERVICES[service_name].methods_by_name[name]
-        kind = ("s" if method.client_streaming else "u") + ("s" if method.server_streaming else "u")
-        multicallable = self.fuzz.method(
-            service_name,
-            name,
-            message_factory.GetMessageClass(method.input_type),
-            message_factory.GetMessageClass(method.output_type),
-            kind,
-        )
-        mutating = name not in READ_ONLY
-        if service_name != self.service:  # another test ran in between: state may have moved
-            self.service, self.known_state = service_name, None
-        if mutating and self.known_state is None:
-            self.known_state = self.fuzz.state()
-        long_poll = name == "Subscribe"
-        outcome = self.fuzz.call(
-            multicallable,
-            request,
-            namespace,
-            streaming_in=method.client_streaming,
-            streaming_out=method.server_streaming,
-            timeout=0.5 if long_poll else 10.0,
-        )
-        what = f"{service_name}/{name} ns={namespace!r} request={_describe(request)}"
-        self.seen[f"{_short(service_name)}.{name}", outcome.code.name] += 1
-        self.history = [*self.history[-4:], f"{what} -> {outcome.code.name}"]
-        self.sample.setdefault((f"{_short(service_name)}.{name}", outcome.code.name), outcome.details[:150])
-        self.fuzz.alive()
-        if long_poll and outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return  # a valid subscription simply waits for events
-        assert outcome.code not in FORBIDDEN, f"{what} -> {outcome.code.name}: {outcome.details}"
-        if outcome.ok:
-            if mutating:
-                self.known_state = None
-            return
-        assert outcome.details.strip(), f"{what} -> {outcome.code.name} with no message"
-        assert len(outcome.details) <= MAX_DETAILS, f"{what} -> a {len(outcome.details)}-character message"
-        if mutating:
-            after = self.fuzz.state()
-            before = self.known_state
-
-            def before_all(key: Any) -> list[bytes]:
-                return before.get(key, [])
-
-            changed = {k for k in after if after[k] != before.get(k)}
-            self.known_state = None  # re-read before the next mutation, whatever happens here
-            if name == "Write" and _short(service_name) == "Content":
-                # Data a failed write stored stays for a resume (as in containerd); only an
-                # ingest the failed call created without writing a byte would be debris.
-                new = [x for k in after if k[-1:] == ("ingests",) for x in after[k] if x not in before_all(k)]
-                if all(content_pb2.Status.FromString(x).offset > 0 for x in new):
-                    for k in list(changed):
-                        if k[-1:] == ("ingests",):
-                            changed.discard(k)
-            if _short(service_name) != "Namespaces":
-                # A write that begins (a lease, an ingest) creates its namespace, as containerd's
-                # do; the namespace staying after the failure is containerd's behaviour too.
-                changed.discard("namespaces")
-            diff = {
-                k: (
-                    [x for x in before.get(k, []) if x not in after[k]][:2],
-                    [x for x in after[k] if x not in before.get(k, [])][:2],
-                )
-                for k in changed
-            }
-            assert not changed, (
-                f"{what} failed ({outcome.code.name}: {outcome.details}) but changed {diff}; "
-                f"last calls: {self.history}"
-            )
-
-
-def _describe(request: Any) -> str:
-    text = repr(request)
-    return text if len(text) < 600 else text[:600] + "..."
 
 
 @pytest.fixture(scope="module")
