@@ -242,8 +242,10 @@ def messages(
                         ]
                     ),
                     hostile_text,
-                ),
-                "value": _scalar_bytes(),
+                )
+                if "type_url" not in overrides
+                else overrides["type_url"],
+                "value": overrides.get("value", _scalar_bytes()),
             },
         )
     optional: dict[str, st.SearchStrategy[Any]] = {}
@@ -283,6 +285,7 @@ def _scalar_bytes() -> st.SearchStrategy[bytes]:
     return st.one_of(
         st.binary(max_size=64),
         st.sampled_from([b"", b"{}", b"[]", b"1", b"null", b'{"ociVersion":"1.0.2"}', b"\xff" * 100]),
+        st.sampled_from([b'{"args": ["true"], "cwd": "/"}', b'{"args": 1}', b'{"process": []}']),
     )
 
 

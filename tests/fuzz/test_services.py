@@ -188,12 +188,7 @@ if "runtimed.services.volumes.v1.Volumes" in SERVICES:
     test_fuzz_volumes = _service_test("runtimed.services.volumes.v1.Volumes")
 
 
-@pytest.mark.xfail(
-    reason="known bug in runtimed/tasks/manager.py (not fixed here): a container spec that is JSON "
-    "but not an object ([] or 1) makes Tasks.Create with rootfs fail with INTERNAL "
-    "(AttributeError on spec.setdefault) instead of INVALID_ARGUMENT",
-    strict=False,
-)
+# Found by this fuzzing: it answered INTERNAL (AttributeError on spec.setdefault); fixed in 9b1fb11.
 def test_task_create_with_a_spec_that_is_not_an_object(fuzz):
     create = fuzz.method(
         "containerd.services.tasks.v1.Tasks",
