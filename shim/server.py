@@ -402,7 +402,8 @@ class ShimServer:
         request = launch.request
         try:
             if status != 0:
-                raise Internal(f"{' '.join(request.argv[:2])} exited with status {status}")
+                # The command's failure (runc refusing a container), not the shim's: UNKNOWN.
+                raise ShimError(f"{request.argv[0]} exited with status {status}")
             try:
                 with open(request.pid_file) as handle:
                     process.pid = int(handle.read().strip())

@@ -176,11 +176,15 @@ class RuncTask(Shim):
         offset = self.runc.log_offset()
         try:
             result = await self.context.shim.call("spawn", request, api.Pid, timeout=request.timeout + 10)
-        except Internal as exc:
-            message = self.runc.logged_error(offset)
-            if not message:
+        except RuntimedError as exc:
+            if type(exc) is not RuntimedError:  # the shim refused the request itself
                 raise
-            raise _classify(message)(f"{what}: {message}") from exc
+            message = self.runc.logged_error(offset)
+            if message:
+                raise _classify(message)(f"{what}: {message}") from exc
+            # runc logged nothing (it crashed, or a wrapper failed): what it printed went to the
+            # process's stderr, as with containerd.
+            raise RuntimedError(f"{what}: {exc.message}; see the process's stderr") from exc
         return result.pid
 
     # -- create / start / exec ----------------------------------------------------------------

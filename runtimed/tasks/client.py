@@ -33,6 +33,7 @@ _ERRORS: dict[str, type[errors.RuntimedError]] = {
     "unavailable": errors.Unavailable,
     "not_implemented": errors.NotImplementedYet,
     "internal": errors.Internal,
+    "unknown": errors.RuntimedError,  # a command the shim ran failed: the workload's problem
 }
 
 

@@ -107,18 +107,23 @@ def test_runc_that_fails(daemon_factory, tmp_path):
     assert_clean(daemon, namespace)
 
 
-@pytest.mark.xfail(
-    reason="a runc failing with its message only on stderr is reported as INTERNAL 'runc --root exited "
-    "with status 1' (shim/server.py launched()); owned by the shim engineer",
-    strict=False,
-)
-def test_runc_failure_message_reaches_the_client(daemon_factory, tmp_path):
+def test_runc_failing_with_its_message_on_stderr_only(daemon_factory, tmp_path):
+    """A crashing runc (or a wrapper) logs nothing: the call fails UNKNOWN, as runc's own failures
+    do, and what runc printed reaches the process's stderr, where ctr shows it (as with containerd)."""
     daemon = daemon_with_runc(daemon_factory, tmp_path, str(failing_runc(tmp_path, log=False)))
     namespace = unique_namespace("msgrunc")
+    rig = TaskRig(daemon.address, namespace, tmp_path)
     try:
-        error = attempt_task(daemon, tmp_path, namespace)
-        assert "refused by the test" in error.details(), error.details()
-        assert error.code() != grpc.StatusCode.INTERNAL, error.details()
+        rig.container("c1", ["true"])
+        io = rig.fifos("c1")
+        with pytest.raises(grpc.RpcError) as failure:
+            rig.create_task("c1", io)
+        error = failure.value
+        assert error.code() == grpc.StatusCode.UNKNOWN, error.details()
+        assert "OCI runtime create failed" in error.details() and "exited with status 1" in error.details()
+        assert "stderr" in error.details()
+        assert "refused by the test" in io.output(stream="stderr")
+        rig.remove_container("c1")
     finally:
-        cleanup(daemon, [namespace])
-        reap_leftovers(daemon.state, [namespace])
+        rig.close()
+    assert_clean(daemon, namespace)

@@ -166,8 +166,9 @@ async def test_a_launcher_failure_is_reported_and_forgotten(rig):
     request = api.SpawnRequest(
         container_id="c1", exec_id="", argv=["sh", "-c", "exit 1"], pid_file=str(bundle / "none.pid")
     )
-    with pytest.raises(errors.Internal, match="exited with status 1"):
+    with pytest.raises(errors.RuntimedError, match="exited with status 1") as failure:
         await client.call("spawn", request, api.Pid)
+    assert type(failure.value) is errors.RuntimedError  # UNKNOWN: the command's failure, not the shim's
     with pytest.raises(errors.NotFound):
         await client.call("wait", api.ProcessKey(container_id="c1"), api.ExitInfo)
     bad = api.SpawnRequest(container_id="c1", exec_id="", argv=["/no/such/command"])
