@@ -401,6 +401,8 @@ class TaskManager:
             process = json.loads(spec.value)
         except ValueError as exc:
             raise InvalidArgument(f"exec {q(exec_id)}: spec is not JSON: {exc}") from None
+        if not isinstance(process, dict):
+            raise InvalidArgument(f"exec {q(exec_id)}: spec is not a JSON object (a runtime-spec Process)")
         await task.shim.exec(api.ExecRequest(exec_id=exec_id, spec=process, stdio=stdio))
         self._publish(
             namespace,

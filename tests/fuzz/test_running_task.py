@@ -167,12 +167,6 @@ class _Empty:
         return empty_pb2.Empty.FromString(data)
 
 
-@pytest.mark.xfail(
-    reason="known bug in runtimed/tasks/manager.py exec (not fixed here): an exec spec that is JSON "
-    'but not an object (1, "text", null) answers INTERNAL (TypeError/ValueError) instead of '
-    "INVALID_ARGUMENT; Create got the same fix in 9b1fb11",
-    strict=False,
-)
 @pytest.mark.parametrize("document", [b"1", b'"text"', b"null"])
 def test_exec_spec_that_is_not_an_object(fuzz, running, document):
     exec_request = tasks_pb2.ExecProcessRequest(
