@@ -67,7 +67,7 @@ def report(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
-def for_each(ctx: Context, names: Iterable[str], action: Callable[[str], Any]) -> int:
+def for_each(ctx: Context, names: Iterable[str], action: Callable[[str], Any], *, echo: bool = True) -> int:
     """Run action on every name like `docker rm`: print each done, report each failure, go on."""
     status = 0
     for name in names:
@@ -82,7 +82,8 @@ def for_each(ctx: Context, names: Iterable[str], action: Callable[[str], Any]) -
             if message.startswith(("cannot connect", "permission denied")):
                 break
         else:
-            print(name)
+            if echo:
+                print(name)
     return status
 
 

@@ -18,11 +18,10 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from runtimed.cli.common import ERROR_EXIT, CLIError, Context, error_message, report
+from runtimed.cli.common import ERROR_EXIT, CLIError, Context, error_message, for_each, report
 from runtimed.cli.output import human_duration, print_json, print_table
 from runtimed.cli.run import (
     LABEL_CMD,
@@ -336,26 +335,6 @@ def state_of(ctx: Context, stubs: Stubs, name: str) -> State:
     return State(get_container(ctx, name), get_task(stubs, name))
 
 
-def each(ctx: Context, names: Iterable[str], action: Any, *, echo: bool = True) -> int:
-    """docker's way with several names: act on each, print each done, report each failure."""
-    status = 0
-    for name in names:
-        try:
-            action(name)
-        except Exception as exc:
-            message = error_message(exc, ctx)
-            if message is None:
-                raise
-            report(message)
-            status = ERROR_EXIT
-            if message.startswith(("cannot connect", "permission denied")):
-                break
-        else:
-            if echo:
-                print(name)
-    return status
-
-
 # -- ps ----------------------------------------------------------------------------------------
 
 
@@ -485,7 +464,7 @@ def start_one(ctx: Context, services: Services, stubs: Stubs, name: str) -> None
 def start_command(ctx: Context, args: argparse.Namespace) -> int:
     services, stubs = Services(ctx), Stubs(ctx)
     if not args.attach:
-        return each(ctx, args.names, lambda n: start_one(ctx, services, stubs, n))
+        return for_each(ctx, args.names, lambda n: start_one(ctx, services, stubs, n))
     if len(args.names) != 1:
         raise CLIError("you cannot start and attach multiple containers at once")
     name = args.names[0]
@@ -567,7 +546,7 @@ def stop_one(ctx: Context, services: Services, stubs: Stubs, name: str, timeout:
 
 def stop_command(ctx: Context, args: argparse.Namespace) -> int:
     services, stubs = Services(ctx), Stubs(ctx)
-    return each(ctx, args.names, lambda n: stop_one(ctx, services, stubs, n, args.time, args.signal))
+    return for_each(ctx, args.names, lambda n: stop_one(ctx, services, stubs, n, args.time, args.signal))
 
 
 def restart_command(ctx: Context, args: argparse.Namespace) -> int:
@@ -577,7 +556,7 @@ def restart_command(ctx: Context, args: argparse.Namespace) -> int:
         stop_one(ctx, services, stubs, name, args.time, args.signal)
         start_one(ctx, services, stubs, name)
 
-    return each(ctx, args.names, restart)
+    return for_each(ctx, args.names, restart)
 
 
 def kill_command(ctx: Context, args: argparse.Namespace) -> int:
@@ -591,7 +570,7 @@ def kill_command(ctx: Context, args: argparse.Namespace) -> int:
             raise CLIError(f"cannot kill container {name}: it is not running")
         stubs.kill(name, signum)
 
-    return each(ctx, args.names, kill)
+    return for_each(ctx, args.names, kill)
 
 
 def rm_command(ctx: Context, args: argparse.Namespace) -> int:
@@ -624,17 +603,19 @@ def rm_command(ctx: Context, args: argparse.Namespace) -> int:
             if not is_code(exc, "NOT_FOUND"):  # removed meanwhile (by a `run -d --rm` watcher)
                 raise
 
-    return each(ctx, args.names, rm)
+    return for_each(ctx, args.names, rm)
 
 
 def pause_command(ctx: Context, args: argparse.Namespace) -> int:
     stubs = Stubs(ctx)
-    return each(ctx, args.names, lambda n: stubs.call("Pause", stubs.pb.PauseTaskRequest(container_id=n)))
+    return for_each(ctx, args.names, lambda n: stubs.call("Pause", stubs.pb.PauseTaskRequest(container_id=n)))
 
 
 def unpause_command(ctx: Context, args: argparse.Namespace) -> int:
     stubs = Stubs(ctx)
-    return each(ctx, args.names, lambda n: stubs.call("Resume", stubs.pb.ResumeTaskRequest(container_id=n)))
+    return for_each(
+        ctx, args.names, lambda n: stubs.call("Resume", stubs.pb.ResumeTaskRequest(container_id=n))
+    )
 
 
 def wait_command(ctx: Context, args: argparse.Namespace) -> int:
@@ -649,7 +630,7 @@ def wait_command(ctx: Context, args: argparse.Namespace) -> int:
             return
         print(wait_exit(stubs.wait_future(name)))
 
-    return each(ctx, args.names, wait, echo=False)
+    return for_each(ctx, args.names, wait, echo=False)
 
 
 # -- exec --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 
 from plugins.snapshotters import mount as mounts
 from runtimed.errors import Internal
+from runtimed.mountinfo import unescape as unescape_mountinfo
 from runtimed.storage import write_atomic
 from runtimed.types import Mount
 
@@ -48,25 +49,12 @@ def read_json(path: Path) -> Any:
         return json.load(handle)
 
 
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     """Whether something is mounted on path, bind mounts from the same filesystem included
     (os.path.ismount misses those)."""
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as mountinfo:
-        return any(_unescape(line.split(" ", 5)[4]) == target for line in mountinfo)
+        return any(unescape_mountinfo(line.split(" ", 5)[4]) == target for line in mountinfo)
 
 
 # mount(2) and umount2(2) straight from libc for the common cases (an overlay or a bind mount, as

@@ -21,6 +21,7 @@ from pathlib import Path
 import structlog
 
 from runtimed.errors import FailedPrecondition, InvalidArgument, q
+from runtimed.mountinfo import unescape as unescape_mountinfo
 
 log = structlog.get_logger("runtimed.volumes")
 
@@ -31,19 +32,6 @@ COPY_CHUNK = 1 << 20
 SKIPPED_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 
 
-def _unescape_mountinfo(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and len(field[i + 1 : i + 4]) == 3:
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def filesystem_type(mountpoint: Path) -> str | None:
     """The filesystem type of the topmost mount at `mountpoint` (None if nothing is mounted there)."""
     target = os.path.normpath(mountpoint)
@@ -52,7 +40,7 @@ def filesystem_type(mountpoint: Path) -> str | None:
         for line in mountinfo:
             fields, _, rest = line.partition(" - ")
             fields_list = fields.split()
-            if len(fields_list) >= 5 and _unescape_mountinfo(fields_list[4]) == target and rest:
+            if len(fields_list) >= 5 and unescape_mountinfo(fields_list[4]) == target and rest:
                 found = rest.split()[0]  # later lines are mounted on top of earlier ones
     return found
 
@@ -66,7 +54,7 @@ def mounts_at_or_below(path: Path) -> list[str]:
             fields = line.split()
             if len(fields) < 5:
                 continue
-            point = _unescape_mountinfo(fields[4])
+            point = unescape_mountinfo(fields[4])
             if point == prefix or point.startswith(prefix + "/"):
                 found.append(point)
     return found
