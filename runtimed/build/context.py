@@ -16,6 +16,7 @@ owner in the context (COPY sets the owner to 0:0 or --chown, which is part of th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtimed.errors import InvalidArgument, NotFound
+from runtimed.paths import follow_in_root
 
 _WILDCARDS = re.compile(r"[*?\[]")
 
@@ -189,27 +191,12 @@ class BuildContext:
 
     def _follow(self, rel: str) -> str:
         """A context path with its symlinks followed, staying inside the context."""
-        parts = [p for p in rel.split("/") if p not in ("", ".")]
-        resolved: list[str] = []
-        hops = 0
-        while parts:
-            part = parts.pop(0)
-            if part == "..":
-                if resolved:
-                    resolved.pop()
-                continue
-            candidate = self.root.joinpath(*resolved, part)
-            if candidate.is_symlink():
-                hops += 1
-                if hops > 40:
-                    raise InvalidArgument(f"too many levels of symbolic links in {rel!r}")
-                target = os.readlink(candidate)
-                if target.startswith("/"):
-                    resolved = []
-                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-                continue
-            resolved.append(part)
-        return "/".join(resolved) or "."
+        try:
+            return "/".join(follow_in_root(self.root, rel)) or "."
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise InvalidArgument(f"too many levels of symbolic links in {rel!r}") from None
 
     def all_paths(self) -> list[str]:
         if self._all is None:

@@ -26,8 +26,8 @@ from typing import BinaryIO
 
 from runtimed.build.context import Entry
 from runtimed.errors import FailedPrecondition
+from runtimed.paths import follow_in_root
 
-MAX_LINKS = 255
 DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -49,27 +49,12 @@ class RootFS:
 
     def resolve(self, path: str, *, follow_last: bool = True) -> str:
         """The absolute in-image path `path` leads to, its symlinks followed within the root."""
-        parts = [p for p in path.split("/") if p not in ("", ".")]
-        resolved: list[str] = []
-        hops = 0
-        while parts:
-            part = parts.pop(0)
-            if part == "..":
-                if resolved:
-                    resolved.pop()
-                continue
-            host = self.root.joinpath(*resolved, part)
-            if (parts or follow_last) and host.is_symlink():
-                hops += 1
-                if hops > MAX_LINKS:
-                    raise BuildStepError(f"{path}: too many levels of symbolic links")
-                target = os.readlink(host)
-                if target.startswith("/"):
-                    resolved = []
-                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-                continue
-            resolved.append(part)
-        return "/" + "/".join(resolved)
+        try:
+            return "/" + "/".join(follow_in_root(self.root, path, follow_last=follow_last))
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise BuildStepError(f"{path}: too many levels of symbolic links") from None
 
     def open_dir(self, path: str, *, create: bool = False, owner: Owner = Owner(0, 0)) -> int:
         """An O_PATH-like descriptor of the directory at in-image `path` (already resolved)."""
