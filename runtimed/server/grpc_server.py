@@ -19,7 +19,7 @@ from runtimed.api.containerd.services.tasks.v1 import tasks_pb2_grpc
 from runtimed.config import GrpcConfig
 from runtimed.errors import InvalidArgument, StartupError, q
 from runtimed.plugin import PluginSet, PluginType
-from runtimed.server.interceptors import EdgeInterceptor
+from runtimed.server.interceptors import EdgeRegistrar
 from runtimed.services.base import GrpcService
 
 log = structlog.get_logger("runtimed.server")
@@ -84,21 +84,22 @@ async def start(config: GrpcConfig, plugins: PluginSet) -> grpc.aio.Server:
     path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
     claim_socket(path)
     server = grpc.aio.server(
-        interceptors=[EdgeInterceptor()],
         options=[
             ("grpc.max_receive_message_length", config.max_recv_message_size),
             ("grpc.max_send_message_length", config.max_send_message_size),
             ("grpc.so_reuseport", 0),
         ],
     )
+    # Every handler is wrapped by the edge (namespace, lease, errors, logs) as it is registered.
+    edge = EdgeRegistrar(server)
     served: set[str] = set()
     for service in plugins.get_by_type(PluginType.GRPC).values():
         if isinstance(service, GrpcService):
-            service.register(server)
+            service.register(edge)
             served.add(service.name)
     for name, (servicer_class, add) in API_SERVICES.items():
         if name not in served:
-            add(servicer_class(), server)
+            add(servicer_class(), edge)
     server.add_insecure_port(f"unix://{path}")
     # The socket must never be reachable by others, not even between bind and chmod.
     old_umask = os.umask(0o177)
