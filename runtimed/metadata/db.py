@@ -22,11 +22,13 @@ Labels and annotations are JSON objects; Any values are serialised protobuf Any 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
@@ -121,6 +123,122 @@ NAMESPACED_TABLES["volumes"] = "volumes"
 
 SYNC_MODES = ("full", "normal")
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+_DROP_FUNCTION = "runtimed_cache_drop"
+
+
+class RowCache(Generic[K, V]):
+    """Values built from recently read rows of one table, by the row's key columns.
+
+    Hot reads (a namespace, an image, a container, a content record) are answered from here
+    without a trip to the database thread. Only that thread changes the cache: a cached read
+    stores what it read inside its read transaction (committed state), and a TEMP trigger on
+    the table drops a key as soon as any statement inserts, updates or deletes its row, from
+    whatever code, before that write's transaction ends. The event loop only looks entries up,
+    so an entry is never older than the last write whose completion the loop has seen. Values
+    must be treated as immutable by whoever gets them. Bounded: the oldest entry goes first.
+    """
+
+    def __init__(self, table: str, key_columns: Sequence[str], max_entries: int) -> None:
+        self.table = table
+        self.key_columns = tuple(key_columns)
+        self._max = max_entries
+        self._entries: dict[K, V] = {}
+
+    def get(self, key: K) -> V | None:
+        return self._entries.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        """Database thread only, inside a read transaction."""
+        entries = self._entries
+        if key not in entries and len(entries) >= self._max:
+            entries.pop(next(iter(entries)), None)
+        entries[key] = value
+
+    def drop(self, key: K) -> None:
+        """Database thread only."""
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def triggers(self) -> list[str]:
+        old = ", ".join(f"OLD.{c}" for c in self.key_columns)
+        new = ", ".join(f"NEW.{c}" for c in self.key_columns)
+        head = f"CREATE TEMP TRIGGER IF NOT EXISTS {_DROP_FUNCTION}_{self.table}"
+        on = f"ON main.{self.table} BEGIN SELECT {_DROP_FUNCTION}('{self.table}'"
+        return [
+            f"{head}_insert AFTER INSERT {on}, {new}); END",
+            f"{head}_update AFTER UPDATE {on}, {old}, {new}); END",
+            f"{head}_delete AFTER DELETE {on}, {old}); END",
+        ]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+class _Worker:
+    """One thread running submitted calls in order; cheaper per call than a ThreadPoolExecutor
+    with run_in_executor (no concurrent future to chain, no idle-semaphore bookkeeping)."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    def _put(self, item: Any) -> None:
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
+        self._queue.put(item)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._put((loop, future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            loop, future, fn, args = item
+            if future is None:
+                fn(*args)
+                continue
+            if future.cancelled():  # like a cancelled executor job that had not started
+                continue
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting task
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_resolve, future, result, error)
+            del item, future, result, error
+
+    def submit_nowait(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue fn(*args) without waiting for it (errors are logged)."""
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("database thread job failed")
+
+        self._put((None, None, run, ()))
+
+    def shutdown(self) -> None:
+        if self._thread.ident is not None:
+            self._queue.put(None)
+            self._thread.join()
+
 
 class Database:
     """One SQLite file, its migrations, and the single thread every call on it runs on.
@@ -143,9 +261,10 @@ class Database:
         self._sync = sync
         self._migrations = list(migrations)
         self._name = name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-db")
+        self._worker = _Worker(f"{name}-db")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self._caches: dict[str, RowCache[Any, Any]] = {}
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -161,6 +280,9 @@ class Database:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             self._migrate(conn)
+            conn.create_function(_DROP_FUNCTION, -1, self._drop_cached)
+            for cache in self._caches.values():
+                self._install(conn, cache)
         except BaseException:
             conn.close()
             raise
@@ -190,8 +312,59 @@ class Database:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
             raise Internal(f"{self._name} database {self.path} is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await self._worker.submit(fn, *args)
+
+    # -- row caches
+
+    def row_cache(
+        self, table: str, key_columns: Sequence[str], max_entries: int = 4096
+    ) -> RowCache[Any, Any]:
+        """A RowCache of `table` keyed by `key_columns`, kept coherent by TEMP triggers."""
+        existing = self._caches.get(table)
+        if existing is not None:
+            # A second store over the same table (e.g. reopened on the same database) shares it.
+            if existing.key_columns != tuple(key_columns):
+                raise ValueError(f"{table} already has a row cache keyed by {existing.key_columns}")
+            return existing
+        cache: RowCache[Any, Any] = RowCache(table, key_columns, max_entries)
+        self._caches[table] = cache
+        if self._conn is not None:
+            # Queued on the database thread ahead of any read that could fill the cache.
+            self._worker.submit_nowait(self._install, self._conn, cache)
+        return cache
+
+    @staticmethod
+    def _install(conn: sqlite3.Connection, cache: RowCache[Any, Any]) -> None:
+        for statement in cache.triggers():
+            conn.execute(statement)
+
+    def _drop_cached(self, table: str, *values: Any) -> None:
+        """The triggers' callback, on the database thread: forget the changed row(s)."""
+        cache = self._caches.get(table)
+        if cache is None:
+            return
+        width = len(cache.key_columns)
+        for start in range(0, len(values), width):
+            key = values[start : start + width]
+            cache.drop(key[0] if width == 1 else key)
+
+    async def read_cached(self, cache: RowCache[K, V], key: K, fn: Callable[..., V], *args: Any) -> V:
+        """cache[key], or fn(conn, *args) in a read transaction, remembered under key."""
+        value = cache.get(key)
+        if value is not None:
+            return value
+
+        def run() -> V:
+            conn = self._conn_or_fail()
+            conn.execute("BEGIN")
+            try:
+                value = fn(conn, *args)
+                cache.put(key, value)
+                return value
+            finally:
+                conn.execute("COMMIT")
+
+        return await self._run(run)
 
     def _conn_or_fail(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -235,4 +408,6 @@ class Database:
             conn, self._conn = self._conn, None
             await self._run(conn.close)
         self._closed = True
-        self._executor.shutdown(wait=True)
+        for cache in self._caches.values():
+            cache.clear()
+        self._worker.shutdown()
