@@ -32,6 +32,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,8 @@ class ContentStore:
         self._ingests = root / "ingest"
         self._db = db
         self._events = events
+        # Content records by (namespace, digest), kept coherent by the database (see RowCache).
+        self._infos = db.row_cache("content", ("namespace", "digest"), max_entries=8192)
         # (namespace, ref) -> when its lock was taken; one writer (or abort) at a time.
         self._locks: dict[tuple[str, str], float] = {}
         self._active: dict[tuple[str, str], Writer] = {}
@@ -190,7 +193,8 @@ class ContentStore:
 
     async def info(self, namespace: str, digest: str) -> ContentInfo:
         digests.validate(digest)
-        return await self._db.read(_get, namespace, digest)
+        info = await self._db.read_cached(self._infos, (namespace, digest), _get, namespace, digest)
+        return replace(info, labels=dict(info.labels))  # the cached record stays as read
 
     async def exists(self, namespace: str, digest: str) -> bool:
         digests.validate(digest)
@@ -268,6 +272,11 @@ class ContentStore:
         if offset > info.size:
             raise OutOfRange(f"read past object length {info.size} bytes")
         end = info.size if size <= 0 or offset + size > info.size else offset + size
+        if end - offset <= CHUNK:
+            # One chunk or less (manifests, configs, indexes): open, read and close in one hop.
+            if end > offset:
+                yield await asyncio.to_thread(self._read_range, digest, offset, end, info.size)
+            return
         try:
             fd = await asyncio.to_thread(os.open, self.blob_file(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -280,6 +289,25 @@ class ContentStore:
                     raise Internal(f"content {digest} is shorter on disk than its recorded size {info.size}")
                 position += len(chunk)
                 yield chunk
+        finally:
+            os.close(fd)
+
+    def _read_range(self, digest: str, offset: int, end: int, size: int) -> bytes:
+        """The bytes [offset, end) of a blob, in a worker thread."""
+        try:
+            fd = os.open(self.blob_file(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"content digest {digest}") from None
+        try:
+            parts = []
+            position = offset
+            while position < end:
+                chunk = os.pread(fd, end - position, position)
+                if not chunk:
+                    raise Internal(f"content {digest} is shorter on disk than its recorded size {size}")
+                parts.append(chunk)
+                position += len(chunk)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
         finally:
             os.close(fd)
 

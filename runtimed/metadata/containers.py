@@ -162,14 +162,28 @@ def _merge(current: Container, incoming: Container, paths: Sequence[str]) -> Con
     return updated
 
 
+def _copy(container: Container) -> Container:
+    """A copy its receiver may change without touching the cached record."""
+    return replace(
+        container,
+        labels=dict(container.labels),
+        extensions=dict(container.extensions),
+        runtime=replace(container.runtime),
+    )
+
+
 class ContainerStore:
     def __init__(self, db: Database, events: Exchange) -> None:
         self._db = db
         self._events = events
+        self._cache = db.row_cache("containers", ("namespace", "id"))
 
     async def get(self, namespace: str, container_id: str) -> Container:
         identifiers.validate(container_id, "container id")
-        return await self._db.read(_get, namespace, container_id)
+        container = await self._db.read_cached(
+            self._cache, (namespace, container_id), _get, namespace, container_id
+        )
+        return _copy(container)
 
     async def list(self, namespace: str, filter_exprs: Sequence[str] = ()) -> list[Container]:
         matcher = filters.parse_all(filter_exprs)

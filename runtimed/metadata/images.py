@@ -116,10 +116,17 @@ class ImageStore:
     def __init__(self, db: Database, events: Exchange) -> None:
         self._db = db
         self._events = events
+        self._cache = db.row_cache("images", ("namespace", "name"))
 
     async def get(self, namespace: str, name: str) -> Image:
         validate_name(name)
-        return await self._db.read(_get, namespace, name)
+        image = await self._db.read_cached(self._cache, (namespace, name), _get, namespace, name)
+        # A copy its receiver may change without touching the cached record.
+        return replace(
+            image,
+            labels=dict(image.labels),
+            target=replace(image.target, annotations=dict(image.target.annotations)),
+        )
 
     async def list(self, namespace: str, filter_exprs: Sequence[str] = ()) -> list[Image]:
         matcher = filters.parse_all(filter_exprs)

@@ -31,6 +31,13 @@ def _row(row: sqlite3.Row) -> Namespace:
     return Namespace(name=row["name"], labels=json.loads(row["labels"]))
 
 
+def _get(conn: sqlite3.Connection, name: str) -> Namespace:
+    row = conn.execute("SELECT * FROM namespaces WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise NotFound(f"namespace {q(name)}")
+    return _row(row)
+
+
 def _adaptor(namespace: Namespace) -> filters.Adaptor:
     return filters.adaptor_for({"name": namespace.name}, namespace.labels)
 
@@ -40,20 +47,15 @@ class NamespaceStore:
         self._db = db
         self._events = events
         self._in_use_checks: list[InUseCheck] = []
+        self._cache = db.row_cache("namespaces", ("name",), max_entries=1024)
 
     def add_in_use_check(self, check: InUseCheck) -> None:
         self._in_use_checks.append(check)
 
     async def get(self, name: str) -> Namespace:
         identifiers.validate(name, "namespace")
-
-        def read(conn: sqlite3.Connection) -> Namespace:
-            row = conn.execute("SELECT * FROM namespaces WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                raise NotFound(f"namespace {q(name)}")
-            return _row(row)
-
-        return await self._db.read(read)
+        namespace = await self._db.read_cached(self._cache, name, _get, name)
+        return Namespace(name=namespace.name, labels=dict(namespace.labels))
 
     async def list(self, filter_exprs: Sequence[str] = ()) -> list[Namespace]:
         matcher = filters.parse_all(filter_exprs)
