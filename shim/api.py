@@ -134,7 +134,8 @@ ERRORS: dict[str, type[ShimError]] = {
 def error_from_wire(error: Any) -> ShimError:
     if not isinstance(error, dict):
         return ShimError(str(error))
-    cls = ERRORS.get(str(error.get("code", "unknown")), ShimError)
+    # A code this daemon does not know (a newer shim's) is not the workload's failure: Internal.
+    cls = ERRORS.get(str(error.get("code", "unknown")), Internal)
     return cls(str(error.get("message", "")))
 
 

@@ -100,6 +100,7 @@ def test_bad_values_are_invalid_arguments():
         ("unavailable", errors.Unavailable),
         ("not_implemented", errors.NotImplementedYet),
         ("internal", errors.Internal),
+        ("unknown", errors.RuntimedError),  # a command the shim ran failed: UNKNOWN
         ("something-new", errors.Internal),
     ],
 )
