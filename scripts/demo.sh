@@ -36,7 +36,7 @@ else
     done
 fi
 
-run() { printf '\n$ runtimectl %s\n' "$*"; "${RUNTIMECTL[@]}" "$@"; }
+run() { printf '\n$ runtimectl'; printf ' %q' "$@"; printf '\n'; "${RUNTIMECTL[@]}" "$@"; }
 run version
 run plugins ls
 
@@ -56,5 +56,20 @@ run logs --timestamps demo-sleeper
 run stop -t 2 demo-sleeper
 run ps -a
 run rm demo-sleeper
+
+# An image built from a Dockerfile (RUN runs in a container through the Tasks API), then run.
+CONTEXT=$(mktemp -d)
+trap 'rm -rf "$CONTEXT"' EXIT
+printf 'FROM busybox:local\nWORKDIR /app\nRUN echo "built by runtimectl build" > greeting\nCMD ["cat", "/app/greeting"]\n' \
+    > "$CONTEXT/Dockerfile"
+run build -t demo-app:v1 "$CONTEXT"
+run run --rm demo-app:v1
+
+# A named volume outlives the container that wrote into it.
+"${RUNTIMECTL[@]}" volume rm -f demo-data >/dev/null 2>&1 || true
+run volume create demo-data
+run run --rm -v demo-data:/data busybox:local sh -c 'echo "kept in a volume" > /data/note'
+run run --rm -v demo-data:/data busybox:local cat /data/note
+run volume rm demo-data
 echo
 echo "[demo] runtimed is running (pid $(cat "$PIDFILE" 2>/dev/null || echo '?')); stop it with: kill \"\$(cat $PIDFILE)\""
