@@ -34,6 +34,7 @@ import os
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -145,6 +146,10 @@ class LocalSnapshotter(Snapshotter):
         # Staging directory names of creates under way: cleanup must not take them.
         self._staging: set[str] = set()
         self._cleanup_lock = asyncio.Lock()
+        # (record, parent chain) by (namespace, name), for Stat and Mounts; kept coherent by the
+        # store (see runtimed.metadata.db.RowCache). A chain never changes under a live snapshot:
+        # parents are committed, and a committed snapshot keeps its id and parent.
+        self._records = meta.row_cache("snapshots", ("namespace", "name"), max_entries=4096)
 
     @classmethod
     async def open(cls, root: Path, **kwargs: Any) -> Self:
@@ -181,6 +186,14 @@ class LocalSnapshotter(Snapshotter):
     async def _populate(self, staging: Path, kind: Kind, parents: list[int]) -> None:
         """Fill a new snapshot's staging directory (`fs`, `work`...); `parents` nearest first."""
 
+    # Subclasses whose directories take only a few quick file system calls to build (no copy)
+    # set this and implement _populate_now: create then runs in one trip to the store's thread.
+    populates_quickly: ClassVar[bool] = False
+
+    def _populate_now(self, staging: Path, kind: Kind, parents: list[int]) -> None:
+        """_populate, synchronously, on the store's thread (only if populates_quickly)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def _mounts(self, snapshot_id: int, kind: Kind, parents: list[int]) -> list[Mount]: ...
 
@@ -193,10 +206,16 @@ class LocalSnapshotter(Snapshotter):
 
     # -- reads
 
+    async def _lookup(self, namespace: str, key: str) -> tuple[Record, list[int]]:
+        """The snapshot's record and its parent chain (cached; treat both as read-only)."""
+        return await self._meta.read_cached(
+            self._records, (namespace, key), _record_and_chain, namespace, key
+        )
+
     async def stat(self, namespace: str, key: str) -> Info:
         identifiers.validate(namespace, "namespace")
-        record = await self._meta.read(store.require, namespace, key)
-        return record.info
+        record, _ = await self._lookup(namespace, key)
+        return replace(record.info, labels=dict(record.info.labels))
 
     async def usage(self, namespace: str, key: str) -> Usage:
         identifiers.validate(namespace, "namespace")
@@ -208,15 +227,10 @@ class LocalSnapshotter(Snapshotter):
 
     async def mounts(self, namespace: str, key: str) -> list[Mount]:
         identifiers.validate(namespace, "namespace")
-
-        def read(conn: sqlite3.Connection) -> tuple[Record, list[int]]:
-            record = store.require(conn, namespace, key)
-            if record.info.kind not in (Kind.ACTIVE, Kind.VIEW):
-                raise FailedPrecondition(f"requested snapshot {key} not active or view")
-            return record, store.chain(conn, record.parent_id)
-
-        record, parents = await self._meta.read(read)
-        return self._mounts(record.id, record.info.kind, parents)
+        record, parents = await self._lookup(namespace, key)
+        if record.info.kind not in (Kind.ACTIVE, Kind.VIEW):
+            raise FailedPrecondition(f"requested snapshot {key} not active or view")
+        return self._mounts(record.id, record.info.kind, list(parents))
 
     async def walk(self, namespace: str, filter_exprs: Sequence[str] = ()) -> AsyncIterator[Info]:
         identifiers.validate(namespace, "namespace")
@@ -275,35 +289,21 @@ class LocalSnapshotter(Snapshotter):
         identifiers.validate(namespace, "namespace")
         _validate_key(key)
         snapshot_labels = _validated(new_labels, key)
+        staging = self.snapshots_dir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+        if self.populates_quickly:
+            return await self._create_quickly(namespace, kind, key, parent, snapshot_labels, staging)
         # Fail fast, before any filesystem work; the transaction below checks again.
         parent_id, parents = await self._meta.read(
             self._check_create, namespace, key, parent, snapshot_labels
         )
         self._check_chain(key, kind, parents)
 
-        staging = self.snapshots_dir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
         self._staging.add(staging.name)  # before it exists: cleanup never sees it unclaimed
 
         def insert(conn: sqlite3.Connection) -> int:
             if self._check_create(conn, namespace, key, parent, snapshot_labels) != (parent_id, parents):
                 raise Unavailable(f"parent snapshot {parent} changed while preparing {key}; retry")
-            stamp = now_ns()
-            cursor = conn.execute(
-                "INSERT INTO snapshots(namespace, name, parent_id, kind, labels, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (namespace, key, parent_id, int(kind), _dump_labels(snapshot_labels), stamp, stamp),
-            )
-            snapshot_id = int(cursor.lastrowid or 0)
-            target_dir = self.snapshot_dir(snapshot_id)
-            if os.path.lexists(target_dir):
-                # Left by a create whose commit failed (the id was handed out again): garbage.
-                os.rename(
-                    target_dir, self.snapshots_dir / f"{TRASH_PREFIX}{snapshot_id}-{secrets.token_hex(4)}"
-                )
-            os.rename(staging, target_dir)
-            renamed.append(target_dir)
-            fsutil.fsync_dir(self.snapshots_dir)  # the rename is durable before the row is
-            return snapshot_id
+            return self._insert(conn, namespace, kind, key, parent_id, snapshot_labels, staging, renamed)
 
         renamed: list[Path] = []
         try:
@@ -311,12 +311,7 @@ class LocalSnapshotter(Snapshotter):
             await self._populate(staging, kind, parents)
             snapshot_id = await finish_despite_cancel(self._meta.write(insert))
         except BaseException:
-            await finish_despite_cancel(asyncio.to_thread(_discard, staging))
-            if renamed:
-                # Renamed into place, then the transaction failed (e.g. the disk is full): the
-                # directory names no row. Reclaim it now rather than at the next start.
-                with contextlib.suppress(Exception):
-                    await finish_despite_cancel(self.cleanup())
+            await self._undo_create(staging, renamed)
             raise
         finally:
             self._staging.discard(staging.name)
@@ -324,6 +319,81 @@ class LocalSnapshotter(Snapshotter):
             "snapshot created", namespace=namespace, key=key, parent=parent, kind=kind.name, id=snapshot_id
         )
         return self._mounts(snapshot_id, kind, parents)
+
+    async def _create_quickly(
+        self,
+        namespace: str,
+        kind: Kind,
+        key: str,
+        parent: str,
+        snapshot_labels: dict[str, str],
+        staging: Path,
+    ) -> list[Mount]:
+        """_create in one trip to the store's thread: check, build the directory, rename it into
+        place and insert the row in one transaction (the same steps, in the same order)."""
+        renamed: list[Path] = []
+        built: list[Path] = []
+
+        def create(conn: sqlite3.Connection) -> tuple[int, list[int]]:
+            parent_id, parents = self._check_create(conn, namespace, key, parent, snapshot_labels)
+            self._check_chain(key, kind, parents)
+            built.append(staging)
+            staging.mkdir(0o700)
+            self._populate_now(staging, kind, parents)
+            snapshot_id = self._insert(
+                conn, namespace, kind, key, parent_id, snapshot_labels, staging, renamed
+            )
+            return snapshot_id, parents
+
+        self._staging.add(staging.name)  # before it exists: cleanup never sees it unclaimed
+        try:
+            snapshot_id, parents = await finish_despite_cancel(self._meta.write(create))
+        except BaseException:
+            if built:  # refused before any directory was made (e.g. AlreadyExists): nothing to undo
+                await self._undo_create(staging, renamed)
+            raise
+        finally:
+            self._staging.discard(staging.name)
+        self._log.debug(
+            "snapshot created", namespace=namespace, key=key, parent=parent, kind=kind.name, id=snapshot_id
+        )
+        return self._mounts(snapshot_id, kind, parents)
+
+    def _insert(
+        self,
+        conn: sqlite3.Connection,
+        namespace: str,
+        kind: Kind,
+        key: str,
+        parent_id: int | None,
+        snapshot_labels: dict[str, str],
+        staging: Path,
+        renamed: list[Path],
+    ) -> int:
+        """Insert the row and rename the built directory into place, in the caller's transaction."""
+        stamp = now_ns()
+        cursor = conn.execute(
+            "INSERT INTO snapshots(namespace, name, parent_id, kind, labels, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (namespace, key, parent_id, int(kind), _dump_labels(snapshot_labels), stamp, stamp),
+        )
+        snapshot_id = int(cursor.lastrowid or 0)
+        target_dir = self.snapshot_dir(snapshot_id)
+        if os.path.lexists(target_dir):
+            # Left by a create whose commit failed (the id was handed out again): garbage.
+            os.rename(target_dir, self.snapshots_dir / f"{TRASH_PREFIX}{snapshot_id}-{secrets.token_hex(4)}")
+        os.rename(staging, target_dir)
+        renamed.append(target_dir)
+        fsutil.fsync_dir(self.snapshots_dir)  # the rename is durable before the row is
+        return snapshot_id
+
+    async def _undo_create(self, staging: Path, renamed: list[Path]) -> None:
+        await finish_despite_cancel(asyncio.to_thread(_discard, staging))
+        if renamed:
+            # Renamed into place, then the transaction failed (e.g. the disk is full): the
+            # directory names no row. Reclaim it now rather than at the next start.
+            with contextlib.suppress(Exception):
+                await finish_despite_cancel(self.cleanup())
 
     async def commit(
         self, namespace: str, name: str, key: str, labels: Mapping[str, str] | None = None
@@ -483,6 +553,11 @@ class LocalSnapshotter(Snapshotter):
 
     async def close(self) -> None:
         await self._meta.close()
+
+
+def _record_and_chain(conn: sqlite3.Connection, namespace: str, key: str) -> tuple[Record, list[int]]:
+    record = store.require(conn, namespace, key)
+    return record, store.chain(conn, record.parent_id)
 
 
 def _q(value: str) -> str:

@@ -98,19 +98,29 @@ class LeaseStore:
 
         return await self._db.read(read)
 
-    async def add_resource(self, namespace: str, lease_id: str, resource: LeaseResource) -> None:
+    async def add_resource(
+        self, namespace: str, lease_id: str, resource: LeaseResource, *, ensure_namespace: bool = False
+    ) -> None:
+        """Add a resource to a lease; ensure_namespace also creates the namespace first, in the
+        same transaction (committed even when the lease turns out not to exist)."""
         identifiers.validate_lease_id(lease_id)
         validate_resource(resource)
 
-        def write(conn: sqlite3.Connection) -> None:
-            _require(conn, namespace, lease_id)
+        def write(conn: sqlite3.Connection) -> bool:
+            if ensure_namespace:
+                namespaces.ensure(conn, namespace)
+            query = "SELECT 1 FROM leases WHERE namespace = ? AND id = ?"
+            if conn.execute(query, (namespace, lease_id)).fetchone() is None:
+                return False
             conn.execute(
                 "INSERT OR IGNORE INTO lease_resources(namespace, lease_id, resource_type, resource_id)"
                 " VALUES (?, ?, ?, ?)",
                 (namespace, lease_id, resource.type, resource.id),
             )
+            return True
 
-        await self._db.write(write)
+        if not await self._db.write(write):
+            raise NotFound(f"lease {q(lease_id)}")
 
     async def delete_resource(self, namespace: str, lease_id: str, resource: LeaseResource) -> None:
         identifiers.validate_lease_id(lease_id)

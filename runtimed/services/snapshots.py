@@ -85,22 +85,31 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         if self._metadata_db is not None:
             await self._metadata_db.write(namespaces.ensure, namespace)
 
-    async def _lease(self, namespace: str, snapshotter: str, key: str, *, add: bool) -> None:
+    async def _lease(
+        self, namespace: str, snapshotter: str, key: str, *, add: bool, ensure_namespace: bool = False
+    ) -> None:
         lease = current_lease()
         if lease and key and self._leases is not None:  # an empty key: the snapshotter's error
             resource = LeaseResource(id=key, type=SNAPSHOT_RESOURCE_PREFIX + snapshotter)
             if add:
                 # A failed create leaves this resource naming nothing: harmless, gone with the lease.
-                await self._leases.add_resource(namespace, lease, resource)
-            else:
-                with contextlib.suppress(NotFound):  # the lease went meanwhile: nothing to drop
-                    await self._leases.delete_resource(namespace, lease, resource)
+                # The namespace, when asked for, is ensured in the same transaction.
+                await self._leases.add_resource(
+                    namespace,
+                    lease,
+                    resource,
+                    ensure_namespace=ensure_namespace and self._metadata_db is not None,
+                )
+                return
+            with contextlib.suppress(NotFound):  # the lease went meanwhile: nothing to drop
+                await self._leases.delete_resource(namespace, lease, resource)
+        elif ensure_namespace:
+            await self._ensure_namespace(namespace)
 
     async def Prepare(self, request, context):
         snapshotter = self._get(request.snapshotter)
         namespace = current_namespace()
-        await self._ensure_namespace(namespace)
-        await self._lease(namespace, request.snapshotter, request.key, add=True)
+        await self._lease(namespace, request.snapshotter, request.key, add=True, ensure_namespace=True)
         mounts = await snapshotter.prepare(namespace, request.key, request.parent, dict(request.labels))
         self._events.publish(
             namespace,
@@ -114,8 +123,7 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
     async def View(self, request, context):
         snapshotter = self._get(request.snapshotter)
         namespace = current_namespace()
-        await self._ensure_namespace(namespace)
-        await self._lease(namespace, request.snapshotter, request.key, add=True)
+        await self._lease(namespace, request.snapshotter, request.key, add=True, ensure_namespace=True)
         mounts = await snapshotter.view(namespace, request.key, request.parent, dict(request.labels))
         return pb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
