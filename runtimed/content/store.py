@@ -24,6 +24,7 @@ File I/O and hashing run in worker threads; the event loop only does bookkeeping
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import functools
@@ -71,6 +72,13 @@ CONTENT_RESOURCE = "content"
 INGEST_RESOURCE = "ingests"
 
 _EXISTS = "exists"
+
+# Blobs this small (manifests, indexes, configs: what clients read again and again) are kept in
+# memory once read, up to SMALL_BLOB_CACHE bytes in all, least recently used first out. A blob
+# never changes under its digest, and one is served only to a namespace whose record of it the
+# metadata database (or its row cache) shows, exactly as a read from disk would be.
+SMALL_BLOB = 64 * 1024
+SMALL_BLOB_CACHE = 8 * 1024 * 1024
 
 
 def _row(row: sqlite3.Row) -> ContentInfo:
@@ -149,6 +157,9 @@ class ContentStore:
         self._events = events
         # Content records by (namespace, digest), kept coherent by the database (see RowCache).
         self._infos = db.row_cache("content", ("namespace", "digest"), max_entries=8192)
+        # digest -> bytes of small blobs (event loop only).
+        self._small: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._small_size = 0
         # (namespace, ref) -> when its lock was taken; one writer (or abort) at a time.
         self._locks: dict[tuple[str, str], float] = {}
         self._active: dict[tuple[str, str], Writer] = {}
@@ -248,6 +259,8 @@ class ContentStore:
         # A second transaction, on the same serial database thread as every commit: the check
         # and the unlink cannot interleave with another namespace adopting the blob.
         removed = await self._db.write(self._collect_blob, digest)
+        if removed:
+            self._forget_small_blob(digest)
         log.info("content deleted", namespace=namespace, digest=digest, blob_removed=removed)
         self._events.publish(namespace, "/content/delete", events_pb2.ContentDelete(digest=digest))
 
@@ -272,6 +285,11 @@ class ContentStore:
         if offset > info.size:
             raise OutOfRange(f"read past object length {info.size} bytes")
         end = info.size if size <= 0 or offset + size > info.size else offset + size
+        if info.size <= SMALL_BLOB:
+            if end > offset:
+                data = await self._small_blob(digest, info.size)
+                yield data[offset:end] if offset or end < len(data) else data
+            return
         if end - offset <= CHUNK:
             # One chunk or less (manifests, configs, indexes): open, read and close in one hop.
             if end > offset:
@@ -292,6 +310,26 @@ class ContentStore:
         finally:
             os.close(fd)
 
+    async def _small_blob(self, digest: str, size: int) -> bytes:
+        """A small blob's bytes, from memory or read whole (and kept) in one worker-thread hop."""
+        data = self._small.get(digest)
+        if data is not None and len(data) == size:
+            self._small.move_to_end(digest)
+            return data
+        data = await asyncio.to_thread(self._read_range, digest, 0, size, size)
+        if digest not in self._small:
+            self._small[digest] = data
+            self._small_size += len(data)
+            while self._small_size > SMALL_BLOB_CACHE:
+                _, dropped = self._small.popitem(last=False)
+                self._small_size -= len(dropped)
+        return data
+
+    def _forget_small_blob(self, digest: str) -> None:
+        data = self._small.pop(digest, None)
+        if data is not None:
+            self._small_size -= len(data)
+
     def _read_range(self, digest: str, offset: int, end: int, size: int) -> bytes:
         """The bytes [offset, end) of a blob, in a worker thread."""
         try:
@@ -307,7 +345,7 @@ class ContentStore:
                     raise Internal(f"content {digest} is shorter on disk than its recorded size {size}")
                 parts.append(chunk)
                 position += len(chunk)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return parts[0] if len(parts) == 1 else b"".join(parts)  # one part, almost always
         finally:
             os.close(fd)
 
