@@ -303,7 +303,9 @@ class LocalSnapshotter(Snapshotter):
         def insert(conn: sqlite3.Connection) -> int:
             if self._check_create(conn, namespace, key, parent, snapshot_labels) != (parent_id, parents):
                 raise Unavailable(f"parent snapshot {parent} changed while preparing {key}; retry")
-            return self._insert(conn, namespace, kind, key, parent_id, snapshot_labels, staging, renamed)
+            return self._insert(
+                conn, namespace, kind, key, parent_id, snapshot_labels, staging, renamed, parent, parents
+            )
 
         renamed: list[Path] = []
         try:
@@ -341,7 +343,7 @@ class LocalSnapshotter(Snapshotter):
             staging.mkdir(0o700)
             self._populate_now(staging, kind, parents)
             snapshot_id = self._insert(
-                conn, namespace, kind, key, parent_id, snapshot_labels, staging, renamed
+                conn, namespace, kind, key, parent_id, snapshot_labels, staging, renamed, parent, parents
             )
             return snapshot_id, parents
 
@@ -369,6 +371,8 @@ class LocalSnapshotter(Snapshotter):
         snapshot_labels: dict[str, str],
         staging: Path,
         renamed: list[Path],
+        parent: str,
+        parents: list[int],
     ) -> int:
         """Insert the row and rename the built directory into place, in the caller's transaction."""
         stamp = now_ns()
@@ -385,6 +389,12 @@ class LocalSnapshotter(Snapshotter):
         os.rename(staging, target_dir)
         renamed.append(target_dir)
         fsutil.fsync_dir(self.snapshots_dir)  # the rename is durable before the row is
+        # Mounts usually follows: the row as written (what a read would build) once committed.
+        info = Info(
+            name=key, parent=parent, kind=kind, created_at=stamp, updated_at=stamp, labels=snapshot_labels
+        )
+        record = Record(id=snapshot_id, parent_id=parent_id, info=info, size=0, inodes=0)
+        self._meta.cache_on_commit(self._records, (namespace, key), (record, list(parents)))
         return snapshot_id
 
     async def _undo_create(self, staging: Path, renamed: list[Path]) -> None:

@@ -205,6 +205,7 @@ class ContainerStore:
                 _write_row(conn, namespace, created, insert=True)
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"container {q(container.id)}") from None
+            self._db.cache_on_commit(self._cache, (namespace, created.id), _copy(created))
 
         await self._db.write(write)
         self._events.publish(
@@ -231,6 +232,7 @@ class ContainerStore:
             updated.updated_at = now_ns()
             validate(updated)
             _write_row(conn, namespace, updated, insert=False)
+            self._db.cache_on_commit(self._cache, (namespace, updated.id), _copy(updated))
             return updated
 
         updated = await self._db.write(write)

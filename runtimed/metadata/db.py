@@ -265,6 +265,8 @@ class Database:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._caches: dict[str, RowCache[Any, Any]] = {}
+        # Values a write transaction stores in a cache once it commits (database thread only).
+        self._on_commit: list[tuple[RowCache[Any, Any], Any, Any]] = []
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -346,7 +348,15 @@ class Database:
         width = len(cache.key_columns)
         for start in range(0, len(values), width):
             key = values[start : start + width]
-            cache.drop(key[0] if width == 1 else key)
+            key = key[0] if width == 1 else key
+            cache.drop(key)
+            if self._on_commit:  # a later change of the row outdates what was to be stored
+                self._on_commit = [p for p in self._on_commit if not (p[0] is cache and p[1] == key)]
+
+    def cache_on_commit(self, cache: RowCache[K, V], key: K, value: V) -> None:
+        """From inside a write: store `value` (the row as written) under `key` once the write
+        commits, unless the row changes again before that. Saves the next read its trip here."""
+        self._on_commit.append((cache, key, value))
 
     async def read_cached(self, cache: RowCache[K, V], key: K, fn: Callable[..., V], *args: Any) -> V:
         """cache[key], or fn(conn, *args) in a read transaction, remembered under key."""
@@ -391,11 +401,16 @@ class Database:
             conn = self._conn_or_fail()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result = fn(conn, *args)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                try:
+                    result = fn(conn, *args)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                for cache, key, value in self._on_commit:
+                    cache.put(key, value)
+            finally:
+                self._on_commit.clear()
             return result
 
         return await self._run(run)

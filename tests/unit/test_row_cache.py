@@ -114,3 +114,51 @@ async def test_content_records_follow_the_collectors_raw_deletes(meta, tmp_path)
         await store.info("ns", digest)
     with pytest.raises(NotFound):
         [c async for c in store.read("ns", digest)]
+
+
+async def test_a_value_stored_on_commit_needs_the_commit_and_the_row_unchanged_after_it(meta):
+    cache = meta.db.row_cache("volumes", ("namespace", "name"))
+    key = ("ns", "v")
+
+    def insert(conn: sqlite3.Connection, then_fail: bool = False, then_change: bool = False) -> None:
+        conn.execute("INSERT OR IGNORE INTO namespaces(name, created_at, updated_at) VALUES ('ns', 1, 1)")
+        conn.execute("INSERT INTO volumes(namespace, name, labels, created_at) VALUES ('ns', 'v', '{}', 1)")
+        meta.db.cache_on_commit(cache, key, "as inserted")
+        if then_change:
+            conn.execute("UPDATE volumes SET labels = '{\"x\": \"y\"}' WHERE namespace = 'ns' AND name = 'v'")
+        if then_fail:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await meta.db.write(insert, True)
+    assert cache.get(key) is None
+    await meta.db.write(insert, False, True)
+    assert cache.get(key) is None  # changed again after the value was offered
+    await meta.db.write(lambda conn: conn.execute("DELETE FROM volumes"))
+    await meta.db.write(insert)
+    assert cache.get(key) == "as inserted"
+    await meta.db.write(lambda conn: conn.execute("DELETE FROM volumes"))
+    assert cache.get(key) is None
+
+
+async def test_a_created_container_and_snapshot_are_read_back_as_written(meta, tmp_path):
+    created = await meta.containers.create(
+        "ns", container(labels={"a": "1"}, snapshotter="s", snapshot_key="k")
+    )
+    got = await meta.containers.get("ns", "c1")
+    assert got == created
+
+    from plugins.snapshotters.native import NativeSnapshotter
+    from plugins.snapshotters.overlay import OverlaySnapshotter
+
+    for kind in (NativeSnapshotter, OverlaySnapshotter):
+        sn = await kind.open(tmp_path / kind.plugin_id)
+        try:
+            await sn.prepare("ns", "base", labels={"l": "1"})
+            await sn.commit("ns", "c", "base")
+            mounts = await sn.prepare("ns", "top", "c", labels={"m": "2"})
+            assert await sn.mounts("ns", "top") == mounts
+            stat = await sn.stat("ns", "top")
+            assert [i for i in await sn.list("ns") if i.name == "top"] == [stat]
+        finally:
+            await sn.close()
