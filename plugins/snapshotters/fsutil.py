@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 from plugins.snapshotters.types import Usage
+from runtimed.mountinfo import unescape as unescape_mountinfo
 from runtimed.storage import fsync_dir  # noqa: F401 - the snapshotters call fsutil.fsync_dir
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -35,27 +36,13 @@ def disk_usage(root: Path) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        digits = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(digits) == 3 and digits.isdigit():
-            out.append(chr(int(digits, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_points() -> list[str]:
     """Every mount point of this mount namespace."""
     try:
         text = MOUNTINFO.read_text()
     except OSError:
         return []
-    return [_unescape_mountinfo(line.split()[4]) for line in text.splitlines() if line]
+    return [unescape_mountinfo(line.split()[4]) for line in text.splitlines() if line]
 
 
 def mounts_inside(path: Path, points: list[str]) -> list[str]:
