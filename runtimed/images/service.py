@@ -9,7 +9,6 @@ stream to clients.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -21,6 +20,7 @@ import structlog
 
 from plugins.snapshotters.base import Snapshotter
 from runtimed import reference
+from runtimed.aio import KeyedLocks
 from runtimed.content import ContentStore
 from runtimed.errors import AlreadyExists, ConfigError, InvalidArgument, NotFound, q
 from runtimed.images.manifest import MAX_DOCUMENT_SIZE
@@ -100,7 +100,7 @@ class ImageService:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0  # how long a registry may stay silent mid-response
     _differ: Any = field(default=None, repr=False)
-    _locks: dict[tuple[str, ...], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict, repr=False)
+    _locks: KeyedLocks = field(default_factory=KeyedLocks, repr=False)
 
     def snapshotter(self, name: str = "") -> tuple[str, Snapshotter]:
         name = name or self.default_snapshotter
@@ -146,15 +146,8 @@ class ImageService:
     @contextlib.asynccontextmanager
     async def exclusive(self, *key: str) -> AsyncIterator[None]:
         """One holder at a time per key in this daemon (e.g. one unpack per snapshot)."""
-        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._locks[key]
+        async with self._locks.hold(key):
+            yield
 
     @contextlib.asynccontextmanager
     async def lease(self, namespace: str, owner: str) -> AsyncIterator[str]:

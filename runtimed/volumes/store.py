@@ -40,6 +40,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from runtimed import filters, labels
+from runtimed.aio import KeyedLocks
 from runtimed.api.runtimed.services.volumes.v1 import volumes_pb2 as events_pb2
 from runtimed.diff import mounts as mountlib
 from runtimed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, q
@@ -157,7 +158,7 @@ class VolumeStore:
         self.state = Path(os.path.abspath(state))
         self._db = db
         self._events = events
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        self._locks = KeyedLocks()
         # Specs that do not name the plugin's directory cannot mount a volume: skip decoding them.
         # (Its name, not the whole root: a source may spell the root's path with "//" or "/./".)
         self._needle = self.root.name.encode() if _json_safe(self.root.name) else b""
@@ -173,16 +174,8 @@ class VolumeStore:
     @contextlib.asynccontextmanager
     async def _locked(self, namespace: str, name: str) -> AsyncIterator[None]:
         """Serialise create, remove and seed of one volume (the daemon is the only writer)."""
-        key = (namespace, name)
-        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[key]
+        async with self._locks.hold((namespace, name)):
+            yield
 
     # -- start-up -------------------------------------------------------------------------------
 
