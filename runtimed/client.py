@@ -7,6 +7,7 @@ against any containerd-compatible daemon as well.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -147,3 +148,16 @@ class Client:
 
     def delete_image(self, name: str, sync: bool = False) -> None:
         self.call(self.images_stub.Delete, images_pb2.DeleteImageRequest(name=name, sync=sync))
+
+
+def fifo_parent() -> str | None:
+    """Where a client on this host makes the FIFOs of a process's stdio (as ctr uses /run/containerd/
+    fifo): runtimed's own run directory, else the temp dir; None when neither is writable."""
+    for candidate in ("/run/runtimed/fifo", tempfile.gettempdir()):
+        try:
+            os.makedirs(candidate, mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(candidate, os.W_OK):
+            return candidate
+    return None

@@ -47,6 +47,7 @@ from runtimed.build.cache import BuildCache, Record, now, step_key
 from runtimed.build.context import BuildContext, Entry, Source, entries_digest
 from runtimed.build.rootfs import RootFS, archive_kind
 from runtimed.build.shell import process_word, process_words, split_words
+from runtimed.client import fifo_parent
 from runtimed.diff.mounts import temp_mount
 from runtimed.errors import InvalidArgument, NotFound
 from runtimed.images.manifest import chain_ids
@@ -850,13 +851,11 @@ def _wait(waiter: Any, timeout: float | None = None) -> int:
             continue
 
 
-def fifo_dir() -> Path:
-    for candidate in ("/run/runtimed/fifo", tempfile.gettempdir()):
-        with contextlib.suppress(OSError):
-            Path(candidate).mkdir(mode=0o700, parents=True, exist_ok=True)
-            if os.access(candidate, os.W_OK):
-                return Path(candidate)
-    raise StepFailed("no writable directory for the RUN step's FIFOs")
+def fifo_dir() -> str:
+    directory = fifo_parent()
+    if directory is None:
+        raise StepFailed("no writable directory for the RUN step's FIFOs")
+    return directory
 
 
 class Fifos:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -47,13 +48,13 @@ from runtimed.cli.run import (
     start_task,
 )
 from runtimed.cli.tasks import (
-    PROCESS_TYPE_URL,
     Attachment,
     Stubs,
     forwarding_signals,
     parse_signal,
     raw_terminal,
     resize,
+    run_exec,
     wait_exit,
 )
 
@@ -637,7 +638,6 @@ def wait_command(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def exec_command(ctx: Context, args: argparse.Namespace) -> int:
-    from google.protobuf import any_pb2
 
     from runtimed.cli.run import host_env
     from runtimed.tasks import spec as specs
@@ -667,39 +667,12 @@ def exec_command(ctx: Context, args: argparse.Namespace) -> int:
         uid, _, gid = resolve_user(services, info, args.user).partition(":")
         process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
     exec_id = "exec-" + secrets.token_hex(6)
-    attachment = None if args.detach else Attachment(exec_id, stdin=args.interactive, terminal=args.tty)
     try:
-        request = stubs.pb.ExecProcessRequest(
-            container_id=args.name,
-            exec_id=exec_id,
-            stdin=attachment.stdin if attachment else "",
-            stdout=attachment.stdout if attachment else "",
-            stderr=attachment.stderr if attachment else "",
-            terminal=args.tty,
-            spec=any_pb2.Any(type_url=PROCESS_TYPE_URL, value=json.dumps(process).encode()),
-        )
-        stubs.call("Exec", request)
-        if attachment is None:
-            _start_exec(ctx, stubs, args.name, exec_id)
-            return 0
-        waiter = stubs.wait_future(args.name, exec_id)
-        with raw_terminal(args.tty), forwarding_signals(stubs, args.name, exec_id, args.tty):
-            _start_exec(ctx, stubs, args.name, exec_id)
-            if args.tty:
-                resize(stubs, args.name, exec_id)
-            status = wait_exit(waiter)
-            attachment.wait_output()
-        with contextlib.suppress(Exception):
-            stubs.call(
-                "DeleteProcess", stubs.pb.DeleteProcessRequest(container_id=args.name, exec_id=exec_id)
-            )
-        return status
+        start = functools.partial(_start_exec, ctx, stubs, args.name, exec_id)
+        return run_exec(stubs, args.name, exec_id, process, args, start, quiet_cleanup=True)
     except InvokeError as exc:
         report(str(exc))
         return exc.status
-    finally:
-        if attachment is not None:
-            attachment.close()
 
 
 def _start_exec(ctx: Context, stubs: Stubs, name: str, exec_id: str) -> None:

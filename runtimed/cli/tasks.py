@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import select
@@ -17,7 +18,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,13 +146,13 @@ def parse_signal(text: str) -> int:
 # -- stdio: FIFOs, the terminal, signals -------------------------------------------------------
 
 
-def fifo_root() -> Path:
-    for candidate in ("/run/runtimed/fifo", tempfile.gettempdir()):
-        with contextlib.suppress(OSError):
-            Path(candidate).mkdir(mode=0o700, parents=True, exist_ok=True)
-            if os.access(candidate, os.W_OK):
-                return Path(candidate)
-    raise CLIError("no writable directory for the process's FIFOs")
+def fifo_root() -> str:
+    from runtimed.client import fifo_parent
+
+    directory = fifo_parent()
+    if directory is None:
+        raise CLIError("no writable directory for the process's FIFOs")
+    return directory
 
 
 class LogCopy:
@@ -404,8 +405,6 @@ def task_processes(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def exec_process(ctx: Context, args: argparse.Namespace) -> int:
-    from google.protobuf import any_pb2
-
     if not args.command:
         raise CLIError("exec needs a command")
     stubs = Stubs(ctx)
@@ -421,11 +420,31 @@ def exec_process(ctx: Context, args: argparse.Namespace) -> int:
         process["cwd"] = args.cwd
     if args.env:
         process["env"] = [*(process.get("env") or []), *args.env]
-    attachment = None if args.detach else Attachment(args.exec_id, stdin=args.interactive, terminal=args.tty)
+    start = functools.partial(
+        stubs.call, "Start", stubs.pb.StartRequest(container_id=args.id, exec_id=args.exec_id)
+    )
+    return run_exec(stubs, args.id, args.exec_id, process, args, start)
+
+
+def run_exec(
+    stubs: Stubs,
+    container_id: str,
+    exec_id: str,
+    process: dict[str, Any],
+    args: argparse.Namespace,
+    start: Callable[[], Any],
+    *,
+    quiet_cleanup: bool = False,
+) -> int:
+    """Add the exec process, start it (`start`), and with no -d copy its stdio, forward signals and
+    return its exit status once it is deleted again. args: tty, interactive, detach."""
+    from google.protobuf import any_pb2
+
+    attachment = None if args.detach else Attachment(exec_id, stdin=args.interactive, terminal=args.tty)
     try:
         request = stubs.pb.ExecProcessRequest(
-            container_id=args.id,
-            exec_id=args.exec_id,
+            container_id=container_id,
+            exec_id=exec_id,
             stdin=attachment.stdin if attachment else "",
             stdout=attachment.stdout if attachment else "",
             stderr=attachment.stderr if attachment else "",
@@ -434,16 +453,18 @@ def exec_process(ctx: Context, args: argparse.Namespace) -> int:
         )
         stubs.call("Exec", request)
         if attachment is None:
-            stubs.call("Start", stubs.pb.StartRequest(container_id=args.id, exec_id=args.exec_id))
+            start()
             return 0
-        waiter = stubs.wait_future(args.id, args.exec_id)
-        with raw_terminal(args.tty), forwarding_signals(stubs, args.id, args.exec_id, args.tty):
-            stubs.call("Start", stubs.pb.StartRequest(container_id=args.id, exec_id=args.exec_id))
+        waiter = stubs.wait_future(container_id, exec_id)
+        with raw_terminal(args.tty), forwarding_signals(stubs, container_id, exec_id, args.tty):
+            start()
             if args.tty:
-                resize(stubs, args.id, args.exec_id)
+                resize(stubs, container_id, exec_id)
             status = wait_exit(waiter)
             attachment.wait_output()
-        stubs.call("DeleteProcess", stubs.pb.DeleteProcessRequest(container_id=args.id, exec_id=args.exec_id))
+        delete = stubs.pb.DeleteProcessRequest(container_id=container_id, exec_id=exec_id)
+        with contextlib.suppress(Exception) if quiet_cleanup else contextlib.nullcontext():
+            stubs.call("DeleteProcess", delete)
         return status
     finally:
         if attachment is not None:

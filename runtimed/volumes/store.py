@@ -48,6 +48,7 @@ from runtimed.events.exchange import Exchange
 from runtimed.metadata import namespaces
 from runtimed.metadata.containers import decode_any
 from runtimed.metadata.db import Database
+from runtimed.storage import fsync_dir
 from runtimed.types import Mount, now_ns
 from runtimed.volumes import fs
 
@@ -342,7 +343,7 @@ class VolumeStore:
                     displaced.append(self.root / TRASH / secrets.token_hex(16))
                     os.rename(target, displaced[-1])
                 os.rename(staging, target)
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
                 # Containers may name the path already (made before the volume, e.g. by ctr).
                 return self._users(self._mount_sources(conn, namespace), namespace, name)
 
@@ -522,11 +523,3 @@ class VolumeStore:
             else:
                 with contextlib.suppress(OSError):
                     target.rmdir()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
